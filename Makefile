@@ -1,0 +1,44 @@
+# vlp — `make` lists the targets. Everything runs inside .venv, created on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= data/demo
+WORKERS ?= 2
+
+.DEFAULT_GOAL := help
+.PHONY: help setup demo test bench lint format clean
+
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+setup: $(STAMP) ## create .venv and install vlp with its dev tools (idempotent)
+
+demo: $(STAMP) ## build the demo shards and eval sets under data/demo
+	$(PY) -m data_tools demo $(DEMO_DIR) --workers $(WORKERS)
+	@echo "demo shards: $(DEMO_DIR)/train  eval sets: $(DEMO_DIR)/eval/shapes $(DEMO_DIR)/eval/retrieval"
+
+test: $(STAMP) ## run the test suite (CPU only, a few minutes)
+	$(PY) -m pytest -q
+
+bench: $(STAMP) ## run the CPU benchmarks against their peers; results in bench/results/
+	$(PY) bench/shard_vs_img2dataset.py
+
+lint: $(STAMP) ## check style with ruff
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP) ## apply ruff's formatting and safe fixes
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean: ## remove generated data, caches and benchmark scratch (keeps .venv; rm -rf .venv for that)
+	rm -rf data runs bench/.work .pytest_cache .ruff_cache build *.egg-info
+	find . -name __pycache__ -type d -prune -not -path './.venv/*' -exec rm -rf {} +

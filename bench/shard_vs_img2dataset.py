@@ -1,0 +1,275 @@
+"""Sharding throughput: `vlp-shard table` vs img2dataset on the same local images.
+
+BENCHMARKS.md section 5. Both tools read one parquet table of `file://` image paths with
+captions, resize to the same size and mode, re-encode as JPEG at the same quality and write
+webdataset tars with the same number of samples per shard, using the same number of processes.
+Each run is one complete command, timed from start to exit; tools alternate (A B A B ...).
+
+    .venv/bin/python bench/shard_vs_img2dataset.py            # as `make bench` runs it
+    .venv/bin/python bench/shard_vs_img2dataset.py --quick    # smoke check, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import shutil
+import statistics
+import sys
+import tarfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402  (the helpers live beside this script, not in a package)
+    RESULTS,
+    WORK,
+    PeerError,
+    RunResult,
+    dist_version,
+    ensure_venv,
+    git_state,
+    machine_info,
+    photo_like_jpegs,
+    run_timed,
+    write_results,
+)
+
+NAME = "shard_vs_img2dataset"
+PEER_REQUIREMENT = "img2dataset==1.47.0"
+STARTUP_IMAGES = 10
+VLP, I2D = "vlp", "img2dataset"
+
+
+@dataclass(frozen=True)
+class Settings:
+    images: int
+    repeats: int
+    processes: tuple[int, ...]
+    samples_per_shard: int
+    i2d_threads: int
+    image_size: int = 256
+    resize_mode: str = "keep_ratio"
+    """Shorter side = image_size in both tools (img2dataset: albumentations SmallestMaxSize)."""
+    encode_format: str = "jpg"
+    quality: int = 95
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    command: Callable[[Path, Path, int], list[str]]
+    """(table, output folder, processes) -> argv."""
+    shard_dir: Callable[[Path], Path]
+    """Where the tars are, given the output folder."""
+    env: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Output:
+    images: int
+    tar_bytes: int
+    image_bytes: int
+    wrong_size: int
+    """Images whose shorter side is not the target size (must be 0: same resize semantics)."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = settings_from(args)
+    peer_env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+    # albumentations (imported by img2dataset) otherwise asks PyPI for a newer version at
+    # every start-up: a network wait that is not sharding work
+    try:
+        peer_python = ensure_venv("img2dataset", [PEER_REQUIREMENT], "import img2dataset", peer_env)
+    except PeerError as err:
+        print(f"{NAME}: cannot set up img2dataset: {err}", file=sys.stderr)
+        return 2
+    tools = [vlp_tool(settings), img2dataset_tool(settings, peer_python, peer_env)]
+    tables = prepare_inputs(settings.images)
+
+    startup = measure(tools, tables[STARTUP_IMAGES], STARTUP_IMAGES, (1,), settings.repeats, "s")
+    runs = measure(tools, tables[settings.images], settings.images, settings.processes,
+                   settings.repeats, "r")
+    summary = summarize(runs, startup, settings)
+    print_report(summary, settings)
+    path = WORK / "results-quick.json" if args.quick else RESULTS / f"{NAME}.json"
+    write_results(path, result_payload(settings, peer_python, runs, startup, summary))
+    print(f"results: {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}")
+    return 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=2000, help="images to shard (default 2000)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per tool and process count")
+    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2], metavar="P")
+    parser.add_argument("--samples-per-shard", type=int, default=1000)
+    parser.add_argument(
+        "--i2d-threads",
+        type=int,
+        default=16,
+        help="img2dataset's download threads per process (default 16; it resizes on one)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="40 images, 1 repeat; results in bench/.work/"
+    )
+    return parser.parse_args(argv)
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    if args.quick:
+        # 20 per shard keeps two shards, so two processes still have work each
+        return Settings(40, 1, tuple(args.processes), 20, args.i2d_threads)
+    if args.images < 1 or args.repeats < 1 or min(args.processes) < 1:
+        raise SystemExit(f"{NAME}: --images, --repeats and --processes must be at least 1")
+    shards = -(-args.images // args.samples_per_shard)
+    if shards < max(args.processes):
+        print(f"warning: {shards} shard(s) cannot keep {max(args.processes)} processes busy")
+    return Settings(
+        args.images, args.repeats, tuple(args.processes), args.samples_per_shard, args.i2d_threads
+    )
+
+
+# --- the two commands --------------------------------------------------------------------
+
+
+def vlp_tool(s: Settings) -> Tool:
+    def command(table: Path, out: Path, processes: int) -> list[str]:
+        return [
+            sys.executable, "-m", "data_tools", "table", str(table), str(out),
+            "--image-col", "url", "--caption-col", "caption",
+            "--image-size", str(s.image_size), "--resize-mode", s.resize_mode,
+            "--format", s.encode_format, "--quality", str(s.quality),
+            "--samples-per-shard", str(s.samples_per_shard),
+            "--workers", str(processes), "--overwrite",
+        ]  # fmt: skip
+
+    return Tool(VLP, command, lambda out: out / "train", dict(os.environ))
+
+
+def img2dataset_tool(s: Settings, python: Path, env: dict[str, str]) -> Tool:
+    def command(table: Path, out: Path, processes: int) -> list[str]:
+        return [
+            str(python.parent / "img2dataset"),
+            f"--url_list={table}", "--input_format=parquet",
+            "--url_col=url", "--caption_col=caption",
+            "--output_format=webdataset", f"--output_folder={out}",
+            f"--image_size={s.image_size}", f"--resize_mode={s.resize_mode}",
+            f"--encode_format={s.encode_format}", f"--encode_quality={s.quality}",
+            f"--number_sample_per_shard={s.samples_per_shard}",
+            f"--processes_count={processes}", f"--thread_count={s.i2d_threads}",
+            "--distributor=multiprocessing",
+            # vlp neither hashes inputs nor parses EXIF: both off so each tool does the same work
+            "--compute_hash=None", "--extract_exif=False",
+            "--enable_wandb=False", "--incremental_mode=overwrite",
+        ]  # fmt: skip
+
+    return Tool(I2D, command, lambda out: out, env)
+
+
+# --- inputs ------------------------------------------------------------------------------
+
+
+def prepare_inputs(images: int) -> dict[int, Path]:
+    """Photo-like JPEGs and one parquet table per image count, keyed by that count."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    paths = photo_like_jpegs(WORK / "images", max(images, STARTUP_IMAGES))
+    tables = {}
+    for count in (STARTUP_IMAGES, images):
+        urls = [f"file://{path.resolve()}" for path in paths[:count]]
+        captions = [f"a soft, grainy cloud of colours, picture {i}" for i in range(count)]
+        tables[count] = WORK / f"table-{count}.parquet"
+        pq.write_table(pa.table({"url": urls, "caption": captions}), tables[count])
+    # the images were read by whichever tool ran first; reading them now puts both tools
+    # on a warm page cache
+    for path in paths:
+        path.read_bytes()
+    return tables
+
+
+# --- runs --------------------------------------------------------------------------------
+
+
+def measure(
+    tools: list[Tool],
+    table: Path,
+    images: int,
+    processes: tuple[int, ...],
+    repeats: int,
+    tag: str,
+) -> list[dict[str, Any]]:
+    """Alternate the tools, `repeats` rounds over every process count; one warm-up first.
+
+    The untimed warm-up round fills Python's bytecode caches and the OS page cache for both
+    tools, so the first timed run is not penalised.
+    """
+    records = []
+    for repeat in range(-1, repeats):
+        for procs in processes:
+            for tool in tools:
+                out = WORK / "out" / tool.name
+                shutil.rmtree(out, ignore_errors=True)
+                log = WORK / "logs" / f"{tool.name}-{tag}{images}-p{procs}-{repeat}.log"
+                result = run_timed(tool.command(table, out, procs), log, tool.env)
+                if repeat < 0:
+                    continue
+                record = run_record(tool, procs, repeat, result, count_output(tool.shard_dir(out)))
+                check_output(record, images, log)
+                records.append(record)
+                print(
+                    f"  {tool.name:<11} {images:>5} images  p{procs}  run {repeat + 1}: "
+                    f"{result.seconds:6.2f} s  {record['images_per_s']:7.1f} img/s",
+                    flush=True,
+                )
+    return records
+
+
+def run_record(
+    tool: Tool, processes: int, repeat: int, result: RunResult, output: Output
+) -> dict[str, Any]:
+    return {
+        "tool": tool.name,
+        "processes": processes,
+        "repeat": repeat,
+        "seconds": round(result.seconds, 3),
+        "images_per_s": round(output.images / result.seconds, 2),
+        "peak_pss_mb": round(result.peak_pss_mb, 1),
+        **asdict(output),
+    }
+
+
+def count_output(shard_dir: Path) -> Output:
+    """Images, bytes and target-size check over every tar the tool wrote."""
+    from PIL import Image
+
+    images = image_bytes = wrong = tar_bytes = 0
+    for path in sorted(shard_dir.glob("*.tar")):
+        tar_bytes += path.stat().st_size
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if not member.name.endswith(".jpg"):
+                    continue
+                data = tar.extractfile(member).read()
+                images += 1
+                image_bytes += len(data)
+                # Image.open reads only the header: cheap, and enough for the size check
+                wrong += min(Image.open(io.BytesIO(data)).size) != SIZE_CHECK[0]
+    return Output(images, tar_bytes, image_bytes, wrong)
+
+
+SIZE_CHECK = [256]
+"""Target shorter side for `count_output`; set from the settings in `main`."""
+
+
+def check_output(record: dict[str, Any], expected: int, log: Path) -> None:
+    if record["images"] != expected or record["wrong_size"]:
+        raise SystemExit(
+            f"{NAME}: {record['tool']} wrote {record['images']}/{expected} images, "
+            f"{record['wrong_size']} of the wrong size; see {log}"
+        )

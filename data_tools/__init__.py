@@ -1,0 +1,1 @@
+"""vlp-shard: captioned images in, webdataset shards out."""

@@ -1,0 +1,192 @@
+"""What each `vlp-shard` subcommand does, given its parsed arguments."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from data_tools import layouts
+from data_tools.errors import UsageError
+from data_tools.evalsets import (
+    ClassFolderSource,
+    LabeledTableSource,
+    RetrievalTableSource,
+    read_templates,
+    write_classification_set,
+    write_retrieval_set,
+)
+from data_tools.images import ImageOptions
+from data_tools.sources import Source
+from data_tools.verify import verify
+from data_tools.writer import Summary, WriteOptions, write_dataset
+from vlp.data import format as fmt
+
+
+def image_options(args: argparse.Namespace, size: int = 256, mode: str = "keep_ratio"):
+    options = ImageOptions(
+        size=args.image_size if args.image_size is not None else size,
+        resize_mode=args.resize_mode or mode,
+        format=args.format,
+        quality=args.quality,
+        max_pixels=args.max_pixels,
+    )
+    if options.size < 8:
+        raise UsageError(f"--image-size {options.size} is too small (minimum 8)")
+    if not 1 <= options.quality <= 100:
+        raise UsageError(f"--quality {options.quality} must be between 1 and 100")
+    return options
+
+
+def write_options(args: argparse.Namespace) -> WriteOptions:
+    if args.samples_per_shard < 1 or args.workers < 1 or args.num_nodes < 1:
+        raise UsageError("--samples-per-shard, --workers and --num-nodes must be at least 1")
+    if not 0 <= args.node_rank < args.num_nodes:
+        raise UsageError(f"--node-rank {args.node_rank} must be in [0, {args.num_nodes})")
+    return WriteOptions(
+        args.samples_per_shard, args.workers, args.num_nodes, args.node_rank, args.overwrite
+    )
+
+
+def write_train(source: Source, out: Path, args: argparse.Namespace, image: ImageOptions) -> int:
+    summary = write_dataset(source, out / fmt.TRAIN_DIR, layouts.TRAIN, image, write_options(args))
+    report(summary, "train")
+    return 0
+
+
+def report(summary: Summary, what: str) -> None:
+    """One summary paragraph per written set, on stdout."""
+    rate = summary.samples / max(summary.seconds, 1e-9)
+    print(
+        f"{what}: wrote {summary.samples} samples in {summary.written_shards} shards "
+        f"({summary.skipped_shards} already complete) in {summary.seconds:.1f} s ({rate:.0f}/s)"
+    )
+    if summary.errors:
+        print(f"  skipped {sum(summary.errors.values())} bad items: {_counts(summary.errors)}")
+    if summary.complete:
+        bad = sum(summary.total_errors.values())
+        print(
+            f"  complete: {summary.total_samples} samples in {summary.num_shards} shards at "
+            f"{summary.out_dir} ({bad} bad items skipped in total"
+            + (
+                f": {_counts(summary.total_errors)}; examples in *{fmt.STATS_SUFFIX})"
+                if bad
+                else ")"
+            )
+        )
+    else:
+        print(
+            f"  this node's shards are done; {fmt.SIZES_FILE} is written when all "
+            f"{summary.num_shards} shards are (by the last node to finish)"
+        )
+
+
+def _counts(errors) -> str:
+    return ", ".join(f"{reason} {n}" for reason, n in sorted(errors.items()))
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    result = verify(args.pattern, workers=args.workers, max_pixels=args.max_pixels)
+    print(
+        f"verified {result.samples} items: {result.good} good, {result.samples - result.good} bad"
+    )
+    for reason, count in sorted(result.errors.items()):
+        print(f"  {reason:<20} {count}")
+    for line in result.examples + result.sizes_mismatches:
+        print(f"  {line}")
+    return 0 if result.ok else 1
+
+
+def run_eval_set(args: argparse.Namespace) -> int:
+    image = image_options(
+        args, mode="center_crop" if args.kind == "classification" else "keep_ratio"
+    )
+    opts = write_options(args)
+    if args.kind == "retrieval":
+        if args.table is None or not args.caption_col:
+            raise UsageError("a retrieval set needs --table, --image-col and --caption-col")
+        source = RetrievalTableSource(args.table, args.image_col, args.caption_col, args.root)
+        report(write_retrieval_set(source, args.out, image, opts), "retrieval")
+        return 0
+    source = _classification_source(args)
+    templates = read_templates(args.templates)
+    summary = write_classification_set(source, args.out, source.classnames, templates, image, opts)
+    report(summary, "classification")
+    return 0
+
+
+def _classification_source(args: argparse.Namespace):
+    if (args.folder is None) == (args.table is None):
+        raise UsageError("a classification set needs either --folder or --table (not both)")
+    if args.folder is not None:
+        return ClassFolderSource(args.folder)
+    if args.image_col is None or args.label_col is None:
+        raise UsageError("--table needs --image-col and --label-col")
+    classnames = None
+    if args.classnames is not None:
+        if not args.classnames.is_file():
+            raise UsageError(f"{args.classnames}: no such classnames file")
+        classnames = [
+            line.strip() for line in args.classnames.read_text().splitlines() if line.strip()
+        ]
+    return LabeledTableSource(args.table, args.image_col, args.label_col, args.root, classnames)
+
+
+def run_table(args: argparse.Namespace) -> int:
+    from data_tools.sources.table import TableSource
+
+    source = TableSource(args.table, args.image_col, args.caption_col, args.root)
+    return write_train(source, args.out, args, image_options(args))
+
+
+def run_folder(args: argparse.Namespace) -> int:
+    from data_tools.sources.folder import FolderSource
+
+    return write_train(FolderSource(args.dir), args.out, args, image_options(args))
+
+
+def run_hf(args: argparse.Namespace) -> int:
+    from data_tools.sources.hf import HfSource
+
+    source = HfSource(args.path, args.image_col, args.caption_col, args.split)
+    return write_train(source, args.out, args, image_options(args))
+
+
+def run_reshard(args: argparse.Namespace) -> int:
+    from data_tools.sources.reshard import ReshardSource
+
+    return write_train(ReshardSource(args.pattern), args.out, args, image_options(args))
+
+
+def run_fashion_mnist(args: argparse.Namespace) -> int:
+    from data_tools.sources import fashion_mnist as fm
+
+    image = image_options(args, size=64)
+    train = fm.FashionMnistSource(args.idx_dir, "train", args.mosaic, args.num_samples, args.seed)
+    write_train(train, args.out, args, image)
+    test = fm.FashionMnistSource(args.idx_dir, "test")
+    templates = [t.replace("{a} {c}", "{c}").replace("{a}", "a") for t in fm.TEMPLATES]
+    eval_dir = args.out / "eval" / "fashion-mnist"
+    summary = write_classification_set(
+        test, eval_dir, fm.CLASSNAMES, templates, image, write_options(args)
+    )
+    report(summary, "eval/fashion-mnist")
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from data_tools.sources import demo
+
+    image = image_options(args, size=64, mode="none")
+    opts = write_options(args)
+    write_train(demo.DemoSource(args.num_samples, image.size, args.seed), args.out, args, image)
+    shapes = demo.ShapesEvalSource(args.eval_samples, image.size, args.seed)
+    summary = write_classification_set(
+        shapes, args.out / "eval" / "shapes", demo.SHAPES, demo.SHAPE_TEMPLATES, image, opts
+    )
+    report(summary, "eval/shapes")
+    retrieval = demo.RetrievalEvalSource(args.eval_samples, image.size, args.seed)
+    report(
+        write_retrieval_set(retrieval, args.out / "eval" / "retrieval", image, opts),
+        "eval/retrieval",
+    )
+    return 0

@@ -1,0 +1,141 @@
+"""Existing webdataset shards (e.g. img2dataset output), re-encoded and resized.
+
+The input tars are indexed once (headers only) so each output shard can read its samples by
+byte offset. A truncated or missing input tar becomes one counted bad item at its place in the
+order, so the loss is visible in stats instead of silent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from webdataset.shardlists import expand_urls
+
+from data_tools.errors import UsageError
+from data_tools.sample import BadSample, RawSample, Reason
+from data_tools.sources import Source
+from vlp.data import format as fmt
+
+END_OF_ARCHIVE = 1024
+"""A complete tar ends with two 512-byte zero blocks after its last member."""
+
+
+class _Item(NamedTuple):
+    shard: int
+    key: str
+    members: dict[str, tuple[int, int]]  # extension -> (data offset, size)
+    problem: BadSample | None = None
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """webdataset's rule: the key is everything before the first dot of the file name."""
+    directory, _, base = name.rpartition("/")
+    stem, _, extension = base.partition(".")
+    return (f"{directory}/{stem}" if directory else stem), extension.lower()
+
+
+def index_tar(path: Path, shard: int) -> list[_Item]:
+    """Group consecutive members by key, as webdataset does; flag truncation."""
+    if not path.is_file():
+        return [_Item(shard, "", {}, BadSample(Reason.MISSING_FILE, f"{path}: no such shard"))]
+    items: list[_Item] = []
+    size, end = path.stat().st_size, 0
+    truncated = None
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                end = member.offset_data + member.size
+                if end > size:
+                    truncated = f"{path}: member {member.name} is cut short"
+                    break
+                key, extension = split_name(member.name)
+                if not items or items[-1].key != key:
+                    items.append(_Item(shard, key, {}))
+                items[-1].members[extension] = (member.offset_data, member.size)
+    except (tarfile.ReadError, EOFError) as err:
+        truncated = f"{path}: {err}"
+    if truncated is None and size - _round_up(end) < END_OF_ARCHIVE:
+        truncated = f"{path}: ends without the end-of-archive marker"
+    if truncated is not None:
+        items.append(_Item(shard, "", {}, BadSample(Reason.TRUNCATED_TAR, truncated)))
+    return items
+
+
+def _round_up(offset: int) -> int:
+    return -(-offset // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
+class ReshardSource(Source):
+    """One item per input sample; keeps the input `.json` and records the input key."""
+
+    def __init__(self, pattern: str):
+        self.pattern = pattern
+        urls = expand_urls(pattern)
+        remote = [u for u in urls if "://" in u and not u.startswith("file://")]
+        if remote:
+            raise UsageError(f"{remote[0]}: reshard reads local shards; download them first")
+        self.paths = [Path(u.removeprefix("file://")) for u in urls]
+        if not any(p.is_file() for p in self.paths):
+            raise UsageError(f"{pattern}: no such shard files")
+        self.items = [item for i, p in enumerate(self.paths) for item in index_tar(p, i)]
+        self._open: tuple[int, int, Any] | None = None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def read(self, index: int) -> RawSample:
+        item = self.items[index]
+        if item.problem is not None:
+            raise item.problem
+        image_ext = next((e for e in fmt.IMAGE_EXTENSIONS if e in item.members), None)
+        meta: dict[str, Any] = {}
+        if fmt.METADATA_EXTENSION in item.members:
+            try:
+                meta = json.loads(self._member(item, fmt.METADATA_EXTENSION))
+            except ValueError as err:
+                raise BadSample(Reason.MALFORMED_ROW, f"bad .json: {err}") from None
+            if not isinstance(meta, dict):
+                raise BadSample(Reason.MALFORMED_ROW, ".json is not an object")
+        meta["source_key"] = item.key
+        caption = None
+        if fmt.CAPTION_EXTENSION in item.members:
+            caption = self._member(item, fmt.CAPTION_EXTENSION)
+        image = self._member(item, image_ext) if image_ext else None
+        return RawSample(image=image, caption=caption, label=self._label(item), meta=meta)
+
+    def _label(self, item: _Item) -> int | None:
+        """clip_benchmark's `.cls` member, when present (eval sets)."""
+        if fmt.LABEL_EXTENSION not in item.members:
+            return None
+        text = self._member(item, fmt.LABEL_EXTENSION).strip()
+        if not text.isdigit():
+            raise BadSample(Reason.BAD_LABEL, f".cls holds {text[:20]!r}, not a class index")
+        return int(text)
+
+    def _member(self, item: _Item, extension: str) -> bytes:
+        offset, size = item.members[extension]
+        handle = self._handle(item.shard)
+        handle.seek(offset)
+        return handle.read(size)
+
+    def _handle(self, shard: int):
+        # items are read in order, so one open input per process suffices; the pid check keeps
+        # forked workers from sharing (and moving) the parent's file offset
+        if self._open is None or self._open[:2] != (os.getpid(), shard):
+            if self._open is not None and self._open[0] == os.getpid():
+                self._open[2].close()
+            self._open = (os.getpid(), shard, self.paths[shard].open("rb"))
+        return self._open[2]
+
+    def locate(self, index: int) -> str:
+        item = self.items[index]
+        return f"{self.paths[item.shard]}:{item.key}" if item.key else str(self.paths[item.shard])
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": "reshard", "pattern": self.pattern, "num_shards": len(self.paths)}

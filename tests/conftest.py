@@ -1,0 +1,66 @@
+"""Shared helpers: every test builds its own inputs (images, tables, shards) in tmp_path."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_image(path: Path, width: int = 96, height: int = 64, seed: int = 0) -> Path:
+    """A smooth random colour image (compresses like a photo), format from the suffix."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
+    image = Image.fromarray(small).resize((width, height), Image.Resampling.BILINEAR)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+def image_bytes(width: int = 64, height: int = 48, seed: int = 0, fmt: str = "JPEG") -> bytes:
+    buffer = io.BytesIO()
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def tar_members(path: Path) -> dict[str, bytes]:
+    with tarfile.open(path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+
+
+def shard_bytes(directory: Path) -> dict[str, bytes]:
+    """Every visible shard's bytes, by name."""
+    return {p.name: p.read_bytes() for p in sorted(directory.glob("*.tar"))}
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300):
+    """Run `python -m data_tools ARGS` in a fresh process (exit codes, stderr, no traceback)."""
+    return subprocess.run(
+        [sys.executable, "-m", "data_tools", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd or REPO,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run the CLI in this process; returns (exit code, stdout, stderr)."""
+    from data_tools.cli import main
+
+    def run(*args: str):
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run

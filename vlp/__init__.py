@@ -1,0 +1,3 @@
+"""vlp: vision-language pretraining toolkit."""
+
+__version__ = "0.1.0"

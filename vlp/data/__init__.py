@@ -1,0 +1,1 @@
+"""Shard format and (later) the training data pipeline."""

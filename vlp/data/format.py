@@ -1,0 +1,36 @@
+"""The on-disk contract between the sharder, the training pipeline and other tools.
+
+Training shards follow img2dataset's layout so open_clip can read them: each sample is
+`{key}.{jpg|png|webp}` + `{key}.txt` (the caption) + `{key}.json` (metadata, optional long
+captions). Eval sets follow clip_benchmark's local webdataset layout exactly.
+"""
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+"""Image member extensions, in the order a reader should prefer them."""
+
+CAPTION_EXTENSION = "txt"
+METADATA_EXTENSION = "json"
+LABEL_EXTENSION = "cls"
+"""clip_benchmark's classification label member: the class index as decimal text."""
+
+TRAIN_DIR = "train"
+TRAIN_SHARD_NAME = "{index:05d}.tar"
+SIZES_FILE = "sizes.json"
+"""open_clip's format: {"00000.tar": number_of_samples, ...} beside the shards."""
+STATS_SUFFIX = "_stats.json"
+"""Per-shard statistics, `00000_stats.json` beside `00000.tar`."""
+MANIFEST_FILE = "manifest.json"
+
+EVAL_SPLIT = "test"
+EVAL_SHARD_NAME = "{index}.tar"
+"""clip_benchmark expects unpadded shard names `0.tar ... {n-1}.tar` and `nshards.txt`."""
+NSHARDS_FILE = "nshards.txt"
+CLASSNAMES_FILE = "classnames.txt"
+TEMPLATES_FILE = "zeroshot_classification_templates.txt"
+DATASET_TYPE_FILE = "dataset_type.txt"
+CLASS_PLACEHOLDER = "{c}"
+
+
+def stats_name(shard_name: str) -> str:
+    """`00000.tar` -> `00000_stats.json`."""
+    return shard_name.removesuffix(".tar") + STATS_SUFFIX
