@@ -91,14 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     tools = [vlp_tool(settings), img2dataset_tool(settings, peer_python, peer_env)]
     tables = prepare_inputs(settings.images)
 
-    startup = measure(tools, tables[STARTUP_IMAGES], STARTUP_IMAGES, (1,), settings.repeats, "s")
-    runs = measure(tools, tables[settings.images], settings.images, settings.processes,
-                   settings.repeats, "r")
+    startup = measure(tools, tables[STARTUP_IMAGES], STARTUP_IMAGES, (1,), settings, "s")
+    runs = measure(
+        tools, tables[settings.images], settings.images, settings.processes, settings, "r"
+    )
     summary = summarize(runs, startup, settings)
     print_report(summary, settings)
     path = WORK / "results-quick.json" if args.quick else RESULTS / f"{NAME}.json"
     write_results(path, result_payload(settings, peer_python, runs, startup, summary))
-    print(f"results: {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}")
+    print(f"results: {path}")
     return 0
 
 
@@ -197,20 +198,15 @@ def prepare_inputs(images: int) -> dict[int, Path]:
 
 
 def measure(
-    tools: list[Tool],
-    table: Path,
-    images: int,
-    processes: tuple[int, ...],
-    repeats: int,
-    tag: str,
+    tools: list[Tool], table: Path, images: int, processes: tuple[int, ...], s: Settings, tag: str
 ) -> list[dict[str, Any]]:
-    """Alternate the tools, `repeats` rounds over every process count; one warm-up first.
+    """Alternate the tools, `s.repeats` rounds over every process count, after a warm-up round.
 
-    The untimed warm-up round fills Python's bytecode caches and the OS page cache for both
-    tools, so the first timed run is not penalised.
+    The untimed warm-up fills Python's bytecode caches and the OS page cache for both tools, so
+    whichever tool runs first is not penalised.
     """
     records = []
-    for repeat in range(-1, repeats):
+    for repeat in range(-1, s.repeats):
         for procs in processes:
             for tool in tools:
                 out = WORK / "out" / tool.name
@@ -219,22 +215,22 @@ def measure(
                 result = run_timed(tool.command(table, out, procs), log, tool.env)
                 if repeat < 0:
                     continue
-                record = run_record(tool, procs, repeat, result, count_output(tool.shard_dir(out)))
-                check_output(record, images, log)
-                records.append(record)
+                output = count_output(tool.shard_dir(out), s.image_size)
+                check_output(tool.name, output, images, log)
+                records.append(run_record(tool.name, procs, repeat, result, output))
                 print(
                     f"  {tool.name:<11} {images:>5} images  p{procs}  run {repeat + 1}: "
-                    f"{result.seconds:6.2f} s  {record['images_per_s']:7.1f} img/s",
+                    f"{result.seconds:6.2f} s  {output.images / result.seconds:7.1f} img/s",
                     flush=True,
                 )
     return records
 
 
 def run_record(
-    tool: Tool, processes: int, repeat: int, result: RunResult, output: Output
+    tool: str, processes: int, repeat: int, result: RunResult, output: Output
 ) -> dict[str, Any]:
     return {
-        "tool": tool.name,
+        "tool": tool,
         "processes": processes,
         "repeat": repeat,
         "seconds": round(result.seconds, 3),
@@ -244,8 +240,8 @@ def run_record(
     }
 
 
-def count_output(shard_dir: Path) -> Output:
-    """Images, bytes and target-size check over every tar the tool wrote."""
+def count_output(shard_dir: Path, size: int) -> Output:
+    """Images, bytes and a target-size check over every tar a tool wrote."""
     from PIL import Image
 
     images = image_bytes = wrong = tar_bytes = 0
@@ -258,18 +254,153 @@ def count_output(shard_dir: Path) -> Output:
                 data = tar.extractfile(member).read()
                 images += 1
                 image_bytes += len(data)
-                # Image.open reads only the header: cheap, and enough for the size check
-                wrong += min(Image.open(io.BytesIO(data)).size) != SIZE_CHECK[0]
+                # Image.open parses only the header: cheap, and enough for the size check
+                wrong += min(Image.open(io.BytesIO(data)).size) != size
     return Output(images, tar_bytes, image_bytes, wrong)
 
 
-SIZE_CHECK = [256]
-"""Target shorter side for `count_output`; set from the settings in `main`."""
-
-
-def check_output(record: dict[str, Any], expected: int, log: Path) -> None:
-    if record["images"] != expected or record["wrong_size"]:
+def check_output(tool: str, output: Output, expected: int, log: Path) -> None:
+    """A faster tool that drops images or resizes differently is not faster at the same job."""
+    if output.images != expected or output.wrong_size:
         raise SystemExit(
-            f"{NAME}: {record['tool']} wrote {record['images']}/{expected} images, "
-            f"{record['wrong_size']} of the wrong size; see {log}"
+            f"{NAME}: {tool} wrote {output.images}/{expected} images, "
+            f"{output.wrong_size} with the shorter side not the target size; see {log}"
         )
+
+
+# --- summary -----------------------------------------------------------------------------
+
+
+def summarize(
+    runs: list[dict[str, Any]], startup: list[dict[str, Any]], s: Settings
+) -> dict[str, Any]:
+    per_tool = {
+        tool: {str(p): _cell([r for r in runs if r["tool"] == tool and r["processes"] == p])
+               for p in s.processes}
+        for tool in (VLP, I2D)
+    }  # fmt: skip
+    ratios = {str(p): _ratio(runs, p, per_tool) for p in s.processes}
+    startup_s = {
+        tool: statistics.median(r["seconds"] for r in startup if r["tool"] == tool)
+        for tool in (VLP, I2D)
+    }
+    summary: dict[str, Any] = {
+        "per_tool": per_tool,
+        "ratio_vlp_over_img2dataset": ratios,
+        "startup_seconds": startup_s,
+    }
+    if 1 in s.processes:
+        summary["scaling_from_1"] = {
+            tool: {str(p): _scaling(per_tool[tool], p) for p in s.processes if p != 1}
+            for tool in (VLP, I2D)
+        }
+        # start-up is a fixed cost; the rate without it is what a large job converges to
+        summary["images_per_s_excluding_startup_p1"] = {
+            tool: round(
+                (s.images - STARTUP_IMAGES)
+                / max(per_tool[tool]["1"]["median_seconds"] - startup_s[tool], 1e-9),
+                1,
+            )
+            for tool in (VLP, I2D)
+        }
+    return summary
+
+
+def _cell(records: list[dict[str, Any]]) -> dict[str, Any]:
+    rates = [r["images_per_s"] for r in records]
+    return {
+        "median_seconds": statistics.median(r["seconds"] for r in records),
+        "median_images_per_s": statistics.median(rates),
+        "min_images_per_s": min(rates),
+        "max_images_per_s": max(rates),
+        "median_peak_pss_mb": statistics.median(r["peak_pss_mb"] for r in records),
+        "tar_bytes": records[0]["tar_bytes"],
+        "image_bytes": records[0]["image_bytes"],
+    }
+
+
+def _ratio(runs: list[dict[str, Any]], p: int, per_tool: dict[str, Any]) -> dict[str, float]:
+    """Median of per-round ratios (each pair ran back to back, so it shares the machine's
+    state of the moment), and the ratio of the medians."""
+    rate = {(r["tool"], r["repeat"]): r["images_per_s"] for r in runs if r["processes"] == p}
+    rounds = sorted({repeat for _, repeat in rate})
+    paired = [rate[VLP, i] / rate[I2D, i] for i in rounds]
+    medians = (
+        per_tool[VLP][str(p)]["median_images_per_s"] / per_tool[I2D][str(p)]["median_images_per_s"]
+    )
+    return {"paired_median": round(statistics.median(paired), 3), "of_medians": round(medians, 3)}
+
+
+def _scaling(cells: dict[str, Any], p: int) -> dict[str, float]:
+    speedup = cells[str(p)]["median_images_per_s"] / cells["1"]["median_images_per_s"]
+    return {"speedup": round(speedup, 3), "efficiency": round(speedup / p, 3)}
+
+
+def print_report(summary: dict[str, Any], s: Settings) -> None:
+    print(
+        f"\n{s.images} local JPEGs -> {s.image_size} px {s.resize_mode}, {s.encode_format} "
+        f"q{s.quality}, {s.samples_per_shard}/shard; median of {s.repeats} alternating runs; "
+        f"img2dataset threads {s.i2d_threads}"
+    )
+    print(f"{'tool':<12}{'procs':>5}{'seconds':>9}{'images/s':>10}{'(min-max)':>14}"
+          f"{'peak PSS MB':>13}{'tar MB':>8}{'KB/img':>8}")  # fmt: skip
+    for tool, cells in summary["per_tool"].items():
+        for p, c in cells.items():
+            print(
+                f"{tool:<12}{p:>5}{c['median_seconds']:>9.2f}{c['median_images_per_s']:>10.1f}"
+                f"{c['min_images_per_s']:>7.0f}-{c['max_images_per_s']:<6.0f}"
+                f"{c['median_peak_pss_mb']:>13.0f}{c['tar_bytes'] / 1e6:>8.1f}"
+                f"{c['image_bytes'] / 1e3 / s.images:>8.1f}"
+            )
+    for p, r in summary["ratio_vlp_over_img2dataset"].items():
+        print(
+            f"vlp/img2dataset images/s, {p} process(es): {r['paired_median']:.2f}x "
+            f"(ratio of medians {r['of_medians']:.2f}x)"
+        )
+    for tool, by_p in summary.get("scaling_from_1", {}).items():
+        for p, x in by_p.items():
+            print(f"{tool} scaling 1->{p}: {x['speedup']:.2f}x ({x['efficiency']:.0%} of linear)")
+    st = summary["startup_seconds"]
+    print(f"start-up ({STARTUP_IMAGES} images, 1 process): vlp {st[VLP]:.2f} s, "
+          f"img2dataset {st[I2D]:.2f} s")  # fmt: skip
+    if "images_per_s_excluding_startup_p1" in summary:
+        ex = summary["images_per_s_excluding_startup_p1"]
+        print(f"images/s without start-up, 1 process: vlp {ex[VLP]:.1f}, "
+              f"img2dataset {ex[I2D]:.1f}")  # fmt: skip
+
+
+def result_payload(
+    s: Settings,
+    peer_python: Path,
+    runs: list[dict[str, Any]],
+    startup: list[dict[str, Any]],
+    summary: dict[str, Any],
+) -> dict[str, Any]:
+    from PIL import features
+
+    tools = {"vlp": vlp_tool(s), "img2dataset": img2dataset_tool(s, peer_python, {})}
+    table, out = WORK / f"table-{s.images}.parquet", WORK / "out" / "TOOL"
+    return {
+        "benchmark": NAME,
+        "command": " ".join([os.path.relpath(sys.executable), *sys.argv]),
+        "git": git_state(),
+        "machine": {
+            **machine_info(),
+            "pillow": dist_version(sys.executable, "pillow"),
+            "libjpeg_turbo": features.version("libjpeg_turbo"),
+            "img2dataset": dist_version(peer_python, "img2dataset"),
+            "opencv": dist_version(peer_python, "opencv-python-headless"),
+        },
+        "settings": {
+            **asdict(s),
+            "startup_images": STARTUP_IMAGES,
+            "commands": {name: tool.command(table, out, 1) for name, tool in tools.items()},
+        },
+        "runs": runs,
+        "startup_runs": startup,
+        "summary": summary,
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,16 +9,16 @@ node sees every shard done.
 
 from __future__ import annotations
 
+import io
 import json
 import multiprocessing as mp
 import os
+import tarfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-
-import webdataset as wds
 
 import vlp
 from data_tools.errors import UsageError
@@ -157,11 +157,11 @@ def _write_shard(shard: int, advance) -> dict[str, Any]:
     temporary = job.out_dir / f".{name}.tmp{os.getpid()}"
     start = time.monotonic()
     count, errors, examples = 0, Counter(), {}
-    with wds.TarWriter(str(temporary), encoder=False, mtime=TAR_MTIME) as tar:
+    with tarfile.open(temporary, "w", format=tarfile.USTAR_FORMAT) as tar:
         for index in job.items(shard):
             try:
                 sample = job.source.read(index)
-                tar.write(job.layout.build(f"{index:0{job.key_width}d}", sample, job.image))
+                _add_sample(tar, job.layout.build(f"{index:0{job.key_width}d}", sample, job.image))
                 count += 1
             except BadSample as bad:
                 errors[bad.reason.value] += 1
@@ -182,6 +182,20 @@ def _write_shard(shard: int, advance) -> dict[str, Any]:
     }
     _write_json(job.out_dir / fmt.stats_name(name), stats)
     return stats
+
+
+def _add_sample(tar: tarfile.TarFile, members: dict[str, Any]) -> None:
+    """Write `{key}.{ext}` members in sorted order, as webdataset's TarWriter does.
+
+    Plain tarfile rather than webdataset's writer: importing webdataset imports torch, which
+    would add seconds to every vlp-shard command for no benefit.
+    """
+    key = members["__key__"]
+    for extension in sorted(k for k in members if k != "__key__"):
+        data = members[extension]
+        info = tarfile.TarInfo(f"{key}.{extension}")
+        info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o444
+        tar.addfile(info, io.BytesIO(data))
 
 
 def _is_complete(job: _Job, shard: int) -> bool:

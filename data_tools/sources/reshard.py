@@ -13,7 +13,7 @@ import tarfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from webdataset.shardlists import expand_urls
+from braceexpand import braceexpand
 
 from data_tools.errors import UsageError
 from data_tools.sample import BadSample, RawSample, Reason
@@ -76,7 +76,8 @@ class ReshardSource(Source):
 
     def __init__(self, pattern: str):
         self.pattern = pattern
-        urls = expand_urls(pattern)
+        # '::' joins several patterns, as in webdataset and open_clip
+        urls = [url for part in pattern.split("::") for url in braceexpand(part)]
         remote = [u for u in urls if "://" in u and not u.startswith("file://")]
         if remote:
             raise UsageError(f"{remote[0]}: reshard reads local shards; download them first")
