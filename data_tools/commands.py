@@ -57,27 +57,32 @@ def report(summary: Summary, what: str) -> None:
     """One summary paragraph per written set, on stdout."""
     rate = summary.samples / max(summary.seconds, 1e-9)
     print(
-        f"{what}: wrote {summary.samples} samples in {summary.written_shards} shards "
+        f"{what}: wrote {summary.samples} samples in {_n(summary.written_shards, 'shard')} "
         f"({summary.skipped_shards} already complete) in {summary.seconds:.1f} s ({rate:.0f}/s)"
     )
     if summary.errors:
-        print(f"  skipped {sum(summary.errors.values())} bad items: {_counts(summary.errors)}")
-    if summary.complete:
-        bad = sum(summary.total_errors.values())
         print(
-            f"  complete: {summary.total_samples} samples in {summary.num_shards} shards at "
-            f"{summary.out_dir} ({bad} bad items skipped in total"
-            + (
-                f": {_counts(summary.total_errors)}; examples in *{fmt.STATS_SUFFIX})"
-                if bad
-                else ")"
-            )
+            f"  skipped {_n(sum(summary.errors.values()), 'bad item')}: {_counts(summary.errors)}"
         )
-    else:
+    if not summary.complete:
         print(
             f"  this node's shards are done; {fmt.SIZES_FILE} is written when all "
             f"{summary.num_shards} shards are (by the last node to finish)"
         )
+        return
+    print(
+        f"  complete: {summary.total_samples} samples in {_n(summary.num_shards, 'shard')} "
+        f"at {summary.out_dir}"
+    )
+    if summary.total_errors:
+        print(
+            f"  {_n(sum(summary.total_errors.values()), 'bad item')} skipped in total: "
+            f"{_counts(summary.total_errors)} (examples in *{fmt.STATS_SUFFIX})"
+        )
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
 def _counts(errors) -> str:
