@@ -91,10 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     tools = [vlp_tool(settings), img2dataset_tool(settings, peer_python, peer_env)]
     tables = prepare_inputs(settings.images)
 
-    startup = measure(tools, tables[STARTUP_IMAGES], STARTUP_IMAGES, (1,), settings, "s")
-    runs = measure(
-        tools, tables[settings.images], settings.images, settings.processes, settings, "r"
-    )
+    # the start-up runs come first and begin with an untimed round, which also warms up
+    # Python's bytecode caches for the main runs
+    startup = measure(tools, tables[STARTUP_IMAGES], STARTUP_IMAGES, (1,), settings, warmup=True)
+    runs = measure(tools, tables[settings.images], settings.images, settings.processes, settings)
     summary = summarize(runs, startup, settings)
     print_report(summary, settings)
     path = WORK / "results-quick.json" if args.quick else RESULTS / f"{NAME}.json"
@@ -166,7 +166,10 @@ def img2dataset_tool(s: Settings, python: Path, env: dict[str, str]) -> Tool:
             "--distributor=multiprocessing",
             # vlp neither hashes inputs nor parses EXIF: both off so each tool does the same work
             "--compute_hash=None", "--extract_exif=False",
-            "--enable_wandb=False", "--incremental_mode=overwrite",
+            # no --incremental_mode=overwrite: in 1.47.0 it deletes the output folder after
+            # creating its own _tmp in it, and every shard then fails; the output folder is
+            # removed before each run instead, for both tools
+            "--enable_wandb=False",
         ]  # fmt: skip
 
     return Tool(I2D, command, lambda out: out, env)
@@ -198,20 +201,25 @@ def prepare_inputs(images: int) -> dict[int, Path]:
 
 
 def measure(
-    tools: list[Tool], table: Path, images: int, processes: tuple[int, ...], s: Settings, tag: str
+    tools: list[Tool],
+    table: Path,
+    images: int,
+    processes: tuple[int, ...],
+    s: Settings,
+    warmup: bool = False,
 ) -> list[dict[str, Any]]:
-    """Alternate the tools, `s.repeats` rounds over every process count, after a warm-up round.
+    """Alternate the tools, `s.repeats` rounds over every process count.
 
-    The untimed warm-up fills Python's bytecode caches and the OS page cache for both tools, so
-    whichever tool runs first is not penalised.
+    An untimed first round (`warmup`) keeps whichever tool runs first from paying alone for
+    cold bytecode and page caches.
     """
     records = []
-    for repeat in range(-1, s.repeats):
+    for repeat in range(-1 if warmup else 0, s.repeats):
         for procs in processes:
             for tool in tools:
                 out = WORK / "out" / tool.name
                 shutil.rmtree(out, ignore_errors=True)
-                log = WORK / "logs" / f"{tool.name}-{tag}{images}-p{procs}-{repeat}.log"
+                log = WORK / "logs" / f"{tool.name}-{images}-p{procs}-{repeat}.log"
                 result = run_timed(tool.command(table, out, procs), log, tool.env)
                 if repeat < 0:
                     continue
@@ -342,19 +350,19 @@ def print_report(summary: dict[str, Any], s: Settings) -> None:
         f"q{s.quality}, {s.samples_per_shard}/shard; median of {s.repeats} alternating runs; "
         f"img2dataset threads {s.i2d_threads}"
     )
-    print(f"{'tool':<12}{'procs':>5}{'seconds':>9}{'images/s':>10}{'(min-max)':>14}"
+    print(f"{'tool':<12}{'procs':>6}{'seconds':>9}{'images/s':>10}{'min-max':>11}"
           f"{'peak PSS MB':>13}{'tar MB':>8}{'KB/img':>8}")  # fmt: skip
     for tool, cells in summary["per_tool"].items():
         for p, c in cells.items():
             print(
-                f"{tool:<12}{p:>5}{c['median_seconds']:>9.2f}{c['median_images_per_s']:>10.1f}"
-                f"{c['min_images_per_s']:>7.0f}-{c['max_images_per_s']:<6.0f}"
+                f"{tool:<12}{p:>6}{c['median_seconds']:>9.2f}{c['median_images_per_s']:>10.1f}"
+                f"{c['min_images_per_s']:>7.0f}-{c['max_images_per_s']:<3.0f}"
                 f"{c['median_peak_pss_mb']:>13.0f}{c['tar_bytes'] / 1e6:>8.1f}"
                 f"{c['image_bytes'] / 1e3 / s.images:>8.1f}"
             )
     for p, r in summary["ratio_vlp_over_img2dataset"].items():
         print(
-            f"vlp/img2dataset images/s, {p} process(es): {r['paired_median']:.2f}x "
+            f"vlp/img2dataset images/s with {p} process(es): {r['paired_median']:.2f}x "
             f"(ratio of medians {r['of_medians']:.2f}x)"
         )
     for tool, by_p in summary.get("scaling_from_1", {}).items():

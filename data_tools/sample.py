@@ -3,29 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-
-class Reason(str, Enum):
-    """Why a sample was skipped. Values appear in stats files, summaries and `verify`."""
-
-    MISSING_FILE = "missing_file"
-    EMPTY_IMAGE = "empty_image"
-    UNDECODABLE_IMAGE = "undecodable_image"
-    TRUNCATED_IMAGE = "truncated_image"
-    DECOMPRESSION_BOMB = "decompression_bomb"
-    MISSING_IMAGE = "missing_image"
-    MISSING_CAPTION = "missing_caption"
-    EMPTY_CAPTION = "empty_caption"
-    NON_UTF8_CAPTION = "non_utf8_caption"
-    BAD_LABEL = "bad_label"
-    MALFORMED_ROW = "malformed_row"
-    TRUNCATED_TAR = "truncated_tar"
-    DUPLICATE_KEY = "duplicate_key"
+from vlp.data.format import Reason
 
 
 class BadSample(Exception):

@@ -5,6 +5,8 @@ Training shards follow img2dataset's layout so open_clip can read them: each sam
 captions). Eval sets follow clip_benchmark's local webdataset layout exactly.
 """
 
+from enum import Enum
+
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 """Image member extensions, in the order a reader should prefer them."""
 
@@ -34,3 +36,21 @@ CLASS_PLACEHOLDER = "{c}"
 def stats_name(shard_name: str) -> str:
     """`00000.tar` -> `00000_stats.json`."""
     return shard_name.removesuffix(".tar") + STATS_SUFFIX
+
+
+class Reason(str, Enum):
+    """Why a sample was skipped; the sharder, `verify` and the training pipeline share these."""
+
+    MISSING_FILE = "missing_file"
+    EMPTY_IMAGE = "empty_image"
+    UNDECODABLE_IMAGE = "undecodable_image"
+    TRUNCATED_IMAGE = "truncated_image"
+    DECOMPRESSION_BOMB = "decompression_bomb"
+    MISSING_IMAGE = "missing_image"
+    MISSING_CAPTION = "missing_caption"
+    EMPTY_CAPTION = "empty_caption"
+    NON_UTF8_CAPTION = "non_utf8_caption"
+    BAD_LABEL = "bad_label"
+    MALFORMED_ROW = "malformed_row"
+    TRUNCATED_TAR = "truncated_tar"
+    DUPLICATE_KEY = "duplicate_key"

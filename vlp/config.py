@@ -1,0 +1,222 @@
+"""Run configuration: typed dataclasses + YAML files + dotted command-line overrides.
+
+`load_config("configs/demo.yaml", ["train.lr=1e-3"])` merges the YAML and the overrides into the
+schema below with OmegaConf (strict: unknown keys and wrong types are errors) and returns a
+validated `Config`. Every component receives only its own slice (`cfg.data`, `cfg.train`, ...).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override; reported as one line, exit code 2."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vlp-tiny-coca"
+    """An open_clip model config name; vlp's own live in configs/models/."""
+    pretrained: str | None = None
+    """An open_clip weights file to start from (safetensors or a weights-only torch file)."""
+    hf_text_model: str | None = None
+    """A local Hugging Face model folder used as the text tower (open_clip's hf_model_name)."""
+    lock_image: bool = False
+    """Freeze the image tower (LiT)."""
+    lock_text: bool = False
+    grad_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
+    config_dirs: list[str] = field(default_factory=list)
+    """Extra folders of open_clip model config JSONs to register."""
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = MISSING
+    """Shard pattern: local path, brace pattern, or URL; '::' joins several patterns."""
+    batch_size: int = 64
+    """Samples per process per micro-step (global batch = batch_size x processes)."""
+    workers: int = 2
+    """DataLoader worker processes per process (0 = read in the training process)."""
+    mode: str = "epoch"
+    """epoch: each pass visits every shard once in a seeded order; resampled: draw shards with
+    replacement (infinite, any number of shards)."""
+    shuffle_buffer: int = 2000
+    """Samples shuffled together: whole shards are read until this many are pooled, then the pool
+    is emitted in a seeded random order (exact resume re-reads at most one pool)."""
+    image_key: str = "jpg;png;webp;jpeg"
+    """Tar member extensions holding the image, first match wins."""
+    text_key: str = "txt"
+    caption: str = "raw"
+    """raw: the .txt caption; long: the first long caption in the .json; json:FIELD: that field."""
+    decoder_caption: str = "raw"
+    """Target of the CoCa decoder: raw or long (the first long caption, truncated to context)."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    """Optimizer steps."""
+    lr: float = 5e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 100
+    weight_decay: float = 0.2
+    """AdamW decay for weight matrices; biases, norms, embeddings' scales and logit scales get 0."""
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    grad_clip: float = 1.0
+    """Clip the global gradient norm (0 = off)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    precision: str = "fp32"
+    """fp32 | bf16 (autocast; weights and optimizer state stay fp32)."""
+    seed: int = 0
+    compile: bool = False
+    """torch.compile the model."""
+    deterministic: bool = False
+    """Deterministic algorithms (bitwise-reproducible runs on CPU; slower on GPU)."""
+    log_every_steps: int = 10
+
+
+@dataclass
+class ContrastiveConfig:
+    weight: float = 1.0
+    max_logit_scale: float = 100.0
+    """The learnable temperature's scale exp(logit_scale) is clamped to [1, this]."""
+
+
+@dataclass
+class CaptionConfig:
+    weight: float = 0.0
+    """CoCa captioning loss; needs a model with a text decoder (open_clip's default is 2.0)."""
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class ObjectivesConfig:
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
+
+    def active(self) -> dict[str, Any]:
+        """Terms with a non-zero weight, by name; a zero weight means the term is not built."""
+        return {name: getattr(self, name) for name in vars(self) if getattr(self, name).weight}
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 500
+    keep: int = 3
+    """How many of the newest checkpoints to keep (older ones are deleted)."""
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/demo"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    resume: str | None = None
+    """latest (the newest complete checkpoint in run.output_dir, if any) or a checkpoint path."""
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+
+def _validate(cfg: Config) -> None:
+    checks = [
+        (cfg.data.mode in ("epoch", "resampled"), "data.mode", "epoch or resampled"),
+        (cfg.train.precision in ("fp32", "bf16"), "train.precision", "fp32 or bf16"),
+        (cfg.data.batch_size >= 1, "data.batch_size", "at least 1"),
+        (cfg.data.workers >= 0, "data.workers", "0 or more"),
+        (cfg.train.steps >= 1, "train.steps", "at least 1"),
+        (cfg.train.grad_accum >= 1, "train.grad_accum", "at least 1"),
+        (cfg.train.warmup_steps >= 0, "train.warmup_steps", "0 or more"),
+        (cfg.checkpoint.every_steps >= 1, "checkpoint.every_steps", "at least 1"),
+        (cfg.checkpoint.keep >= 1, "checkpoint.keep", "at least 1"),
+        (
+            cfg.data.caption in ("raw", "long") or cfg.data.caption.startswith("json:"),
+            "data.caption",
+            "raw, long or json:FIELD",
+        ),
+        (cfg.data.decoder_caption in ("raw", "long"), "data.decoder_caption", "raw or long"),
+        (bool(cfg.objectives.active()), "objectives", "at least one term with a non-zero weight"),
+    ]
+    for ok, key, expected in checks:
+        if not ok:
+            raise ConfigError(f"{key}: must be {expected}")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Schema <- YAML file <- `key=value` overrides; raise ConfigError on any mistake."""
+    schema = OmegaConf.structured(Config)
+    try:
+        layers = [schema]
+        if path is not None:
+            layers.append(_read_yaml(Path(path)))
+        layers.append(OmegaConf.from_dotlist(_check_overrides(overrides)))
+        merged = OmegaConf.merge(*layers)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_explain(err, schema)) from None
+
+
+def _read_yaml(path: Path):
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        return OmegaConf.load(path)
+    except Exception as err:  # yaml's parser errors have many types
+        first = str(err).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML ({first})") from None
+
+
+def _check_overrides(overrides) -> list[str]:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. train.lr=1e-3)")
+    return list(overrides)
+
+
+def _explain(err: OmegaConfBaseException, schema) -> str:
+    """One line naming the key; for unknown keys, the nearest valid one."""
+    key = getattr(err, "full_key", None) or ""
+    message = str(err).splitlines()[0]
+    if "not in struct" in message or "Key '" in message and "not" in message:
+        valid = _all_keys(OmegaConf.to_container(schema, resolve=False))
+        near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+        hint = f"; did you mean {near[0]}?" if near else ""
+        return f"unknown config key {key!r}{hint}"
+    return f"{key}: {message}" if key else message
+
+
+def _all_keys(tree: Any, prefix: str = "") -> list[str]:
+    keys = []
+    if isinstance(tree, dict):
+        for name, value in tree.items():
+            path = f"{prefix}{name}"
+            keys.append(path)
+            keys.extend(_all_keys(value, path + "."))
+    return keys
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))

@@ -1,0 +1,59 @@
+"""Every collective vlp uses, in one place (each is tested with 2 gloo processes).
+
+Losses must gather with `gather_with_grad`: `accelerator.gather` returns tensors without a
+gradient path, which silently drops the cross-rank terms of a contrastive loss's gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+from torch import Tensor
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def gather_with_grad(x: Tensor) -> Tensor:
+    """Concatenate `x` from all ranks along dim 0; gradients flow back to every rank's shard.
+
+    All ranks must pass the same shape. Returns `x` itself when not distributed.
+    """
+    if not is_distributed():
+        return x
+    return torch.cat(dist_fn.all_gather(x), dim=0)
+
+
+def contrastive_targets(num_local: int, device: torch.device | str) -> Tensor:
+    """Row i of this rank's logits matches global column rank * num_local + i."""
+    return torch.arange(num_local, device=device) + rank() * num_local
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj` (picklable), in rank order; `[obj]` when not distributed."""
+    if not is_distributed():
+        return [obj]
+    gathered: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s `obj` on every rank."""
+    if not is_distributed():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]

@@ -1,0 +1,47 @@
+"""Training objectives: registered terms, each an unweighted scalar, combined by weight.
+
+A term is a class registered in OBJECTIVES, built from its own config slice, and called as
+`term(out: ModelOutput, batch: Batch) -> Tensor`. It may define `after_optimizer_step(model)`
+(e.g. to clamp its temperature). `WeightedObjective` builds the terms whose weight is non-zero.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from vlp.registry import Registry
+
+OBJECTIVES: Registry[type] = Registry("objective")
+
+
+class WeightedObjective:
+    """total = sum_k weight_k * term_k; logs every term (unweighted) and the total."""
+
+    def __init__(self, objectives_cfg: Any):
+        self.terms = {}
+        self.weights = {}
+        for name, term_cfg in objectives_cfg.active().items():
+            self.terms[name] = OBJECTIVES.get(name)(term_cfg)
+            self.weights[name] = term_cfg.weight
+
+    def __call__(self, out: Any, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        logs: dict[str, Tensor] = {}
+        total = torch.zeros((), device=out.image_emb.device)
+        for name, term in self.terms.items():
+            value = term(out, batch)
+            logs[f"loss/{name}"] = value.detach()
+            total = total + self.weights[name] * value
+        logs["loss/total"] = total.detach()
+        return total, logs
+
+    def after_optimizer_step(self, model: nn.Module) -> None:
+        for term in self.terms.values():
+            hook = getattr(term, "after_optimizer_step", None)
+            if hook is not None:
+                hook(model)
+
+
+from vlp.objectives import caption, contrastive  # noqa: E402,F401  (registers the terms)
