@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -80,6 +81,11 @@ def dist_version(python: Path | str, dist: str) -> str:
 @dataclass(frozen=True)
 class RunResult:
     seconds: float
+    cpu_seconds: float
+    """User + system time of the command and every descendant it waited for."""
+    others_cpu_share: float
+    """Share of the machine's CPU capacity used by processes outside this benchmark during the
+    run: on a shared machine this says how far a wall time (and a scaling figure) was squeezed."""
     peak_pss_mb: float
     """Peak of the summed proportional set size of the command's whole process tree (sampled
     every RSS_SAMPLE_SECONDS): PSS, not RSS, so pages shared by forked workers count once."""
@@ -89,6 +95,7 @@ def run_timed(cmd: Sequence[str], log: Path, env: dict[str, str] | None = None) 
     """Wall time of one complete command, its output kept in `log`; raises on failure."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as out:
+        busy_before, (own_before, children_before) = _machine_busy_seconds(), _cpu_seconds()
         start = time.perf_counter()
         process = subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO, stdin=subprocess.DEVNULL
@@ -99,10 +106,29 @@ def run_timed(cmd: Sequence[str], log: Path, env: dict[str, str] | None = None) 
         returncode = process.wait()
         seconds = time.perf_counter() - start
         sampler.stop()
+        busy = _machine_busy_seconds() - busy_before
+        own_after, children_after = _cpu_seconds()
     if returncode != 0:
         tail = log.read_text(errors="replace").strip().splitlines()[-5:]
         raise RuntimeError(f"{cmd[0]} exited {returncode}; log {log}:\n" + "\n".join(tail))
-    return RunResult(seconds, sampler.peak_kb / 1024)
+    cpu = children_after - children_before
+    others = busy - cpu - (own_after - own_before)
+    share = max(0.0, others) / (seconds * (os.cpu_count() or 1))
+    return RunResult(seconds, cpu, share, sampler.peak_kb / 1024)
+
+
+def _cpu_seconds() -> tuple[float, float]:
+    """User + system seconds of this process (all threads) and of its waited-for children."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
+
+
+def _machine_busy_seconds() -> float:
+    """Non-idle CPU seconds of the whole machine since boot, summed over cores (/proc/stat)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 class _PssSampler(threading.Thread):

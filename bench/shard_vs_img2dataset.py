@@ -25,6 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402  (the helpers live beside this script, not in a package)
+    REPO,
     RESULTS,
     WORK,
     PeerError,
@@ -42,6 +43,8 @@ NAME = "shard_vs_img2dataset"
 PEER_REQUIREMENT = "img2dataset==1.47.0"
 STARTUP_IMAGES = 10
 VLP, I2D = "vlp", "img2dataset"
+NOISY_SHARE = 0.1
+"""Above this share of the machine's CPU used by other processes, the report says so."""
 
 
 @dataclass(frozen=True)
@@ -61,8 +64,8 @@ class Settings:
 @dataclass(frozen=True)
 class Tool:
     name: str
-    command: Callable[[Path, Path, int], list[str]]
-    """(table, output folder, processes) -> argv."""
+    command: Callable[[Path, Path, str], list[str]]
+    """(table, output folder, processes) -> argv; processes is text so a template can say P."""
     shard_dir: Callable[[Path], Path]
     """Where the tars are, given the output folder."""
     env: dict[str, str]
@@ -96,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     startup = measure(tools, tables[STARTUP_IMAGES], STARTUP_IMAGES, (1,), settings, warmup=True)
     runs = measure(tools, tables[settings.images], settings.images, settings.processes, settings)
     summary = summarize(runs, startup, settings)
-    print_report(summary, settings)
+    print_report(summary, runs, settings)
     path = WORK / "results-quick.json" if args.quick else RESULTS / f"{NAME}.json"
     write_results(path, result_payload(settings, peer_python, runs, startup, summary))
     print(f"results: {path}")
@@ -139,21 +142,21 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def vlp_tool(s: Settings) -> Tool:
-    def command(table: Path, out: Path, processes: int) -> list[str]:
+    def command(table: Path, out: Path, processes: str) -> list[str]:
         return [
             sys.executable, "-m", "data_tools", "table", str(table), str(out),
             "--image-col", "url", "--caption-col", "caption",
             "--image-size", str(s.image_size), "--resize-mode", s.resize_mode,
             "--format", s.encode_format, "--quality", str(s.quality),
             "--samples-per-shard", str(s.samples_per_shard),
-            "--workers", str(processes), "--overwrite",
+            "--workers", processes, "--overwrite",
         ]  # fmt: skip
 
     return Tool(VLP, command, lambda out: out / "train", dict(os.environ))
 
 
 def img2dataset_tool(s: Settings, python: Path, env: dict[str, str]) -> Tool:
-    def command(table: Path, out: Path, processes: int) -> list[str]:
+    def command(table: Path, out: Path, processes: str) -> list[str]:
         return [
             str(python.parent / "img2dataset"),
             f"--url_list={table}", "--input_format=parquet",
@@ -220,7 +223,7 @@ def measure(
                 out = WORK / "out" / tool.name
                 shutil.rmtree(out, ignore_errors=True)
                 log = WORK / "logs" / f"{tool.name}-{images}-p{procs}-{repeat}.log"
-                result = run_timed(tool.command(table, out, procs), log, tool.env)
+                result = run_timed(tool.command(table, out, str(procs)), log, tool.env)
                 if repeat < 0:
                     continue
                 output = count_output(tool.shard_dir(out), s.image_size)
@@ -243,6 +246,9 @@ def run_record(
         "repeat": repeat,
         "seconds": round(result.seconds, 3),
         "images_per_s": round(output.images / result.seconds, 2),
+        "cpu_seconds": round(result.cpu_seconds, 3),
+        "cpu_ms_per_image": round(1000 * result.cpu_seconds / output.images, 3),
+        "others_cpu_share": round(result.others_cpu_share, 3),
         "peak_pss_mb": round(result.peak_pss_mb, 1),
         **asdict(output),
     }
@@ -321,6 +327,8 @@ def _cell(records: list[dict[str, Any]]) -> dict[str, Any]:
         "median_images_per_s": statistics.median(rates),
         "min_images_per_s": min(rates),
         "max_images_per_s": max(rates),
+        "median_cpu_ms_per_image": statistics.median(r["cpu_ms_per_image"] for r in records),
+        "median_others_cpu_share": statistics.median(r["others_cpu_share"] for r in records),
         "median_peak_pss_mb": statistics.median(r["peak_pss_mb"] for r in records),
         "tar_bytes": records[0]["tar_bytes"],
         "image_bytes": records[0]["image_bytes"],
@@ -340,23 +348,33 @@ def _ratio(runs: list[dict[str, Any]], p: int, per_tool: dict[str, Any]) -> dict
 
 
 def _scaling(cells: dict[str, Any], p: int) -> dict[str, float]:
+    """Wall-clock speed-up, and CPU per image relative to 1 process: the parallel overhead,
+    which other load on the machine barely moves, unlike the speed-up."""
     speedup = cells[str(p)]["median_images_per_s"] / cells["1"]["median_images_per_s"]
-    return {"speedup": round(speedup, 3), "efficiency": round(speedup / p, 3)}
+    cpu = cells[str(p)]["median_cpu_ms_per_image"] / cells["1"]["median_cpu_ms_per_image"]
+    return {
+        "speedup": round(speedup, 3),
+        "efficiency": round(speedup / p, 3),
+        "cpu_per_image_vs_1": round(cpu, 3),
+    }
 
 
-def print_report(summary: dict[str, Any], s: Settings) -> None:
+def print_report(summary: dict[str, Any], runs: list[dict[str, Any]], s: Settings) -> None:
     print(
         f"\n{s.images} local JPEGs -> {s.image_size} px {s.resize_mode}, {s.encode_format} "
         f"q{s.quality}, {s.samples_per_shard}/shard; median of {s.repeats} alternating runs; "
         f"img2dataset threads {s.i2d_threads}"
     )
-    print(f"{'tool':<12}{'procs':>6}{'seconds':>9}{'images/s':>10}{'min-max':>11}"
-          f"{'peak PSS MB':>13}{'tar MB':>8}{'KB/img':>8}")  # fmt: skip
+    print(
+        f"{'tool':<12}{'procs':>6}{'seconds':>9}{'images/s':>10}{'min-max':>11}{'CPU ms/img':>12}"
+        f"{'others':>8}{'peak PSS MB':>13}{'tar MB':>8}{'KB/img':>8}"
+    )
     for tool, cells in summary["per_tool"].items():
         for p, c in cells.items():
             print(
                 f"{tool:<12}{p:>6}{c['median_seconds']:>9.2f}{c['median_images_per_s']:>10.1f}"
                 f"{c['min_images_per_s']:>7.0f}-{c['max_images_per_s']:<3.0f}"
+                f"{c['median_cpu_ms_per_image']:>12.2f}{c['median_others_cpu_share']:>8.0%}"
                 f"{c['median_peak_pss_mb']:>13.0f}{c['tar_bytes'] / 1e6:>8.1f}"
                 f"{c['image_bytes'] / 1e3 / s.images:>8.1f}"
             )
@@ -367,7 +385,10 @@ def print_report(summary: dict[str, Any], s: Settings) -> None:
         )
     for tool, by_p in summary.get("scaling_from_1", {}).items():
         for p, x in by_p.items():
-            print(f"{tool} scaling 1->{p}: {x['speedup']:.2f}x ({x['efficiency']:.0%} of linear)")
+            print(
+                f"{tool} scaling 1->{p}: {x['speedup']:.2f}x ({x['efficiency']:.0%} of linear); "
+                f"CPU per image {x['cpu_per_image_vs_1']:.2f}x that of 1 process"
+            )
     st = summary["startup_seconds"]
     print(f"start-up ({STARTUP_IMAGES} images, 1 process): vlp {st[VLP]:.2f} s, "
           f"img2dataset {st[I2D]:.2f} s")  # fmt: skip
@@ -375,6 +396,12 @@ def print_report(summary: dict[str, Any], s: Settings) -> None:
         ex = summary["images_per_s_excluding_startup_p1"]
         print(f"images/s without start-up, 1 process: vlp {ex[VLP]:.1f}, "
               f"img2dataset {ex[I2D]:.1f}")  # fmt: skip
+    busiest = max(r["others_cpu_share"] for r in runs)
+    if busiest > NOISY_SHARE:
+        print(
+            f"note: other processes used up to {busiest:.0%} of the machine's CPU during these "
+            "runs ('others'); wall times and scaling were squeezed by it, CPU ms/img much less"
+        )
 
 
 def result_payload(
@@ -402,7 +429,10 @@ def result_payload(
         "settings": {
             **asdict(s),
             "startup_images": STARTUP_IMAGES,
-            "commands": {name: tool.command(table, out, 1) for name, tool in tools.items()},
+            "commands": {
+                name: [arg.replace(f"{REPO}/", "") for arg in tool.command(table, out, "P")]
+                for name, tool in tools.items()
+            },
         },
         "runs": runs,
         "startup_runs": startup,

@@ -6,12 +6,24 @@ gradient path, which silently drops the cross-rank terms of a contrastive loss's
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 from torch import Tensor
+
+
+def new_accelerator(**kwargs: Any):
+    """An Accelerator that also runs multi-process on CPU-only machines.
+
+    Without `cpu=True`, accelerate treats `torchrun` processes on a machine without a GPU as
+    independent single processes (no process group), which would silently train W copies.
+    """
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available(), **kwargs)
 
 
 def is_distributed() -> bool:
@@ -33,12 +45,24 @@ def gather_with_grad(x: Tensor) -> Tensor:
     """
     if not is_distributed():
         return x
-    return torch.cat(dist_fn.all_gather(x), dim=0)
+    with warnings.catch_warnings():
+        # deprecated in favour of a private API; it remains the public gather with gradient
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(dist_fn.all_gather(x), dim=0)
 
 
 def contrastive_targets(num_local: int, device: torch.device | str) -> Tensor:
     """Row i of this rank's logits matches global column rank * num_local + i."""
     return torch.arange(num_local, device=device) + rank() * num_local
+
+
+def all_reduce_sum(x: Tensor) -> Tensor:
+    """Sum of `x` over ranks (no gradient); `x` itself when not distributed."""
+    if not is_distributed():
+        return x
+    total = x.detach().clone()
+    dist.all_reduce(total)
+    return total
 
 
 def all_gather_objects(obj: Any) -> list[Any]:

@@ -20,6 +20,9 @@ from torch import Tensor, nn
 MODEL_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
 """vlp's own open_clip model configs; every JSON dropped here is available by name."""
 
+IGNORE_INDEX = -100
+"""Target value the caption loss skips (F.cross_entropy's default ignore_index)."""
+
 _registered: set[Path] = set()
 
 
@@ -43,9 +46,10 @@ class ModelOutput:
     text_emb_all: Tensor | None = None
     """[B, T, D] every text slot, when the batch has several texts per image."""
     caption_logits: Tensor | None = None
-    """[N, V] decoder logits at the N non-padding target positions (CoCa only)."""
+    """[B, L', V] decoder logits, L' = the batch's longest caption - 1 (CoCa only)."""
     caption_targets: Tensor | None = None
-    """[N] the tokens those positions predict: caption tokens shifted by one (CoCa only)."""
+    """[B, L'] the tokens those positions predict (caption shifted by one), IGNORE_INDEX at
+    padding (CoCa only)."""
 
 
 class VLPModel(nn.Module):
@@ -92,14 +96,14 @@ class VLPModel(nn.Module):
         """Teacher forcing: position i predicts token i+1. The shift happens here and only here.
 
         Decoding stops at the batch's longest caption: the decoder is causal, so dropping
-        trailing padding leaves every kept position's logits unchanged.
+        trailing padding leaves every kept position's logits unchanged. Padding targets become
+        IGNORE_INDEX (cross-entropy's default ignore value).
         """
         valid = tokens != self.pad_id  # [B, L]
-        length = int(valid.any(0).nonzero().max()) + 1 if valid.any() else 1
-        targets = tokens[:, 1:length]  # [B, length-1]
+        length = int(valid.any(0).nonzero().max()) + 1 if valid.any() else 2
+        targets = tokens[:, 1:length].masked_fill(~valid[:, 1:length], IGNORE_INDEX)
         logits = self.clip.text_decoder(image_tokens, token_embs[:, : length - 1])
-        keep = targets != self.pad_id
-        return logits[keep], targets[keep]
+        return logits, targets  # [B, length-1, V], [B, length-1]
 
 
 def build_model(model_cfg: Any) -> tuple[VLPModel, Any, Any, Any]:

@@ -7,19 +7,33 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor
 
+from vlp import distributed
+from vlp.model import IGNORE_INDEX
 from vlp.objectives import OBJECTIVES
 
 
 @OBJECTIVES.register("caption")
 class CaptionObjective:
-    """The model has already shifted and selected positions (see ModelOutput.caption_logits)."""
+    """The model has already shifted the targets and marked padding (ModelOutput.caption_*)."""
 
     def __init__(self, cfg: Any):
         self.label_smoothing = cfg.label_smoothing
 
     def __call__(self, out: Any, batch: Any) -> Tensor:
+        """Mean token cross-entropy over the global batch's caption tokens.
+
+        Each rank returns its token sum scaled by W / (global token count); gradient averaging
+        over ranks then yields exactly the single-process mean, even when ranks hold captions
+        of different lengths.
+        """
         if out.caption_logits is None:
             raise ValueError("the caption objective needs a model with a text decoder (CoCa)")
-        return F.cross_entropy(
-            out.caption_logits, out.caption_targets, label_smoothing=self.label_smoothing
+        targets = out.caption_targets.flatten()
+        summed = F.cross_entropy(
+            out.caption_logits.flatten(0, 1),
+            targets,
+            reduction="sum",
+            label_smoothing=self.label_smoothing,
         )
+        tokens = distributed.all_reduce_sum((targets != IGNORE_INDEX).sum())
+        return summed * distributed.world_size() / tokens.clamp(min=1)

@@ -1,0 +1,209 @@
+"""The model under evaluation: an open_clip model with its own val transform and tokenizer."""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import logging
+import pickle
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import text_global_pool
+from safetensors import SafetensorError
+from torch import Tensor
+
+from eval.checkpoints import CheckpointRef
+from eval.errors import UsageError
+from vlp.model import register_model_configs
+
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""Autocast dtype per --precision; fp32 runs without autocast."""
+
+
+@dataclass
+class EvalModel:
+    """A CLIP-like `module` (encode_image / encode_text) ready for inference on `device`.
+
+    Build one with `load_model` from a checkpoint, or directly from a model in memory (the
+    training loop does: `EvalModel(model, preprocess_val, tokenizer, name, device=...)`).
+    """
+
+    module: torch.nn.Module
+    preprocess: Callable
+    """PIL image -> (3, H, W) tensor: the model's own open_clip val transform."""
+    tokenizer: Callable[[list[str]], Tensor]
+    name: str
+    pretrained: str = ""
+    """Where the weights came from (a file path), as clip_benchmark's `pretrained` field."""
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    precision: str = "fp32"
+    step: int | None = None
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) preprocessed images -> (B, D) L2-normalised float32 on the CPU."""
+        with self._inference():
+            features = self.module.encode_image(images.to(self.device))
+        return F.normalize(features.float(), dim=-1).cpu()
+
+    def encode_tokens(self, tokens: Tensor) -> Tensor:
+        """(B, L) tokens -> (B, D) L2-normalised float32 on the CPU.
+
+        For models whose text output at the end-of-text token depends only on the tokens up
+        to it (causal mask, EOT pooling), trailing padding is cut off first: the same
+        embeddings for a fraction of the work on short captions.
+        """
+        prefix_encoder = _TEXT_PREFIX_ENCODERS.get(type(self.module))
+        with self._inference():
+            if prefix_encoder is not None and _can_trim(self.module):
+                length = int(prefix_lengths(tokens).max())
+                features = prefix_encoder(self.module, tokens[:, :length].to(self.device))
+            else:
+                features = self.module.encode_text(tokens.to(self.device))
+        return F.normalize(features.float(), dim=-1).cpu()
+
+    @contextlib.contextmanager
+    def _inference(self) -> Iterator[None]:
+        dtype = PRECISIONS[self.precision]
+        with torch.inference_mode(), torch.autocast(
+            self.device.type, dtype=dtype, enabled=dtype is not None
+        ):
+            yield
+
+
+def prefix_lengths(tokens: Tensor) -> Tensor:
+    """(B, L) CLIP tokens -> (B,) number of tokens up to and including end-of-text.
+
+    open_clip's tokenizers give the end-of-text token the highest id in the row (what
+    open_clip's own argmax pooling relies on).
+    """
+    return tokens.argmax(dim=-1) + 1
+
+
+def _can_trim(module: open_clip.CLIP) -> bool:
+    return module.attn_mask is not None and module.text_pool_type == "argmax"
+
+
+def _clip_text_prefix(module: open_clip.CLIP, tokens: Tensor) -> Tensor:
+    """open_clip.CLIP.encode_text on tokens cut to the batch's longest caption.
+
+    CLIP.encode_text adds the full-length positional embedding and causal mask, so it only
+    accepts full-length rows; slicing both to L is exact because of the causal mask.
+    """
+    length = tokens.shape[1]
+    cast_dtype = module.transformer.get_cast_dtype()
+    x = module.token_embedding(tokens).to(cast_dtype)  # (B, L, width)
+    x = x + module.positional_embedding[:length].to(cast_dtype)
+    x = module.transformer(x, attn_mask=module.attn_mask[:length, :length])
+    x = module.ln_final(x)
+    pooled = text_global_pool(x, tokens, module.text_pool_type)  # (B, width)
+    if isinstance(module.text_projection, torch.nn.Linear):
+        return module.text_projection(pooled)
+    return pooled if module.text_projection is None else pooled @ module.text_projection
+
+
+_TEXT_PREFIX_ENCODERS: dict[type, Callable[[torch.nn.Module, Tensor], Tensor]] = {
+    open_clip.CLIP: _clip_text_prefix,
+}
+"""Exact model classes whose text tower can skip trailing padding (see `encode_tokens`)."""
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(ref: CheckpointRef, device: str | None = None, precision: str = "fp32") -> EvalModel:
+    """Build `ref.model_name`, load `ref.weights` and put the model in eval mode on `device`."""
+    register_model_configs()
+    check_model_name(ref.model_name)
+    target = _device(device or default_device())
+    with _quiet_open_clip():
+        module, _, preprocess = open_clip.create_model_and_transforms(ref.model_name)
+    load_weights(module, ref.weights, ref.model_name)
+    module.to(target).eval()
+    return EvalModel(
+        module=module,
+        preprocess=preprocess,
+        tokenizer=open_clip.get_tokenizer(ref.model_name),
+        name=ref.model_name,
+        pretrained=str(ref.weights),
+        device=target,
+        precision=precision,
+        step=ref.step,
+    )
+
+
+def check_model_name(name: str) -> None:
+    """A usage error listing close matches when open_clip does not know `name`."""
+    if ":" in name:  # hf-hub:ORG/REPO or local-dir:PATH; open_clip resolves those itself
+        return
+    known = open_clip.list_models()
+    if name in known:
+        return
+    close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
+    hint = f"close matches: {', '.join(close)}" if close else "see open_clip.list_models()"
+    raise UsageError(f"unknown model {name!r}; {hint} (vlp's own: configs/models/*.json)")
+
+
+def load_weights(module: torch.nn.Module, weights: Path, model_name: str) -> None:
+    """Load an open_clip state dict into `module`; a usage error naming what does not fit."""
+    try:
+        incompatible = open_clip.load_checkpoint(module, str(weights), strict=False)
+    except (RuntimeError, ValueError, OSError, pickle.UnpicklingError, SafetensorError) as err:
+        raise UsageError(_mismatch_message(module, weights, model_name, err)) from err
+    if incompatible.missing_keys or incompatible.unexpected_keys:
+        raise UsageError(_mismatch_message(module, weights, model_name, None))
+
+
+def _mismatch_message(
+    module: torch.nn.Module, weights: Path, model_name: str, err: Exception | None
+) -> str:
+    try:
+        found = {k: tuple(v.shape) for k, v in open_clip.load_state_dict(str(weights)).items()}
+    except (RuntimeError, ValueError, OSError, pickle.UnpicklingError, SafetensorError):
+        first_line = str(err).strip().splitlines()[0] if err else "unreadable"
+        return f"{weights}: not a weights file open_clip can read ({first_line})"
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    missing = sorted(expected.keys() - found.keys())
+    unexpected = sorted(found.keys() - expected.keys())
+    reshaped = sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k])
+    parts = []
+    if reshaped:
+        k = reshaped[0]
+        parts.append(
+            f"{len(reshaped)} tensors of other shapes (e.g. {k}: {found[k]} in the file, "
+            f"{expected[k]} in the model)"
+        )
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    return (
+        f"{weights} does not fit model {model_name!r}: {', '.join(parts) or 'incompatible'}; "
+        "pass the --model these weights were trained as"
+    )
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise UsageError(f"--device {name}: not a torch device ({err})") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available here; use --device cpu")
+    return device
+
+
+@contextlib.contextmanager
+def _quiet_open_clip() -> Iterator[None]:
+    """Silence open_clip's "initialized randomly" warning: the weights are loaded next."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)

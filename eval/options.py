@@ -1,0 +1,29 @@
+"""Settings shared by every evaluator (the CLI's flags, or the training loop's eval config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+RECALL_KS = (1, 5, 10)
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    batch_size: int = 64
+    workers: int = 1
+    """DataLoader processes decoding images; 0 decodes in the main process."""
+    recall_ks: tuple[int, ...] = RECALL_KS
+    retrieval_method: str = "auto"
+    """exact | faiss | faiss-ivf | auto (see eval.retrieval.choose_method)."""
+    faiss_threshold: int = 1_000_000
+    """auto: galleries at least this large go to faiss's IVF index instead of exact scores."""
+    seed: int = 0
+    """Seeds the linear-separability split and classifier."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
+        if not self.recall_ks or min(self.recall_ks) < 1:
+            raise ValueError(f"recall_ks must be positive, got {self.recall_ks}")

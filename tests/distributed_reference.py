@@ -1,0 +1,48 @@
+"""The model, batch and step shared by the 1-process and 2-process runs of test_distributed."""
+
+import open_clip
+import torch
+
+from vlp.config import load_config
+from vlp.model import VLPModel, register_model_configs
+from vlp.objectives import WeightedObjective
+
+CAPTIONS = [
+    "a red circle",
+    "a small blue star and a large green cross",
+    "two shapes: a white heart and a purple hexagon in the corner",
+    "a cyan diamond",
+    "an orange square",
+    "a pink triangle, a yellow star and a blue circle",
+    "a heart",
+    "three shapes",
+]
+
+
+def build():
+    register_model_configs()
+    torch.manual_seed(0)
+    clip = open_clip.create_model("vlp-tiny-coca").double()
+    cfg = load_config(None, ["data.train_shards=x", "objectives.caption.weight=2"])
+    return VLPModel(clip, pad_id=clip.pad_id), WeightedObjective(cfg.objectives)
+
+
+def batch():
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(len(CAPTIONS), 3, 32, 32, generator=generator, dtype=torch.float64)
+    text = open_clip.get_tokenizer("vlp-tiny-coca")(CAPTIONS)[:, None]
+    return images, text
+
+
+def loss_and_grads(model, objective, images, text, accelerator=None):
+    out = model(images, text)
+    loss, _ = objective(out, None)
+    if accelerator is None:
+        loss.backward()
+    else:
+        accelerator.backward(loss)
+    named = (
+        model.module.named_parameters() if hasattr(model, "module") else model.named_parameters()
+    )
+    grads = {name: p.grad.detach().clone() for name, p in named if p.grad is not None}
+    return loss, grads

@@ -1,0 +1,45 @@
+"""Two gloo processes give the loss and gradients of one process on the concatenated batch."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.distributed_reference import batch, build, loss_and_grads
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    out = tmp_path / "two.pt"
+    result = subprocess.run(
+        [
+            torchrun,
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            "-m",
+            "tests.distributed_worker",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = torch.load(out)
+    model, objective = build()
+    loss, grads = loss_and_grads(model, objective, *batch())
+    torch.testing.assert_close(two["loss"], loss.detach(), atol=1e-6, rtol=0)
+    assert two["grads"].keys() == grads.keys() and len(grads) > 20
+    for name, grad in grads.items():
+        torch.testing.assert_close(two["grads"][name], grad, atol=1e-6, rtol=0, msg=name)

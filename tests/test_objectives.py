@@ -1,0 +1,104 @@
+"""Objectives against reference implementations; the lr schedule; config errors."""
+
+from __future__ import annotations
+
+import math
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vlp.config import ConfigError, load_config
+from vlp.model import IGNORE_INDEX, VLPModel, register_model_configs
+from vlp.objectives.contrastive import clip_loss
+from vlp.optim import lr_at
+
+
+def _naive_clip_loss(image: torch.Tensor, text: torch.Tensor, scale: float) -> torch.Tensor:
+    """Row-by-row InfoNCE in both directions, written as plainly as possible."""
+    n = image.shape[0]
+    total = 0.0
+    for i in range(n):
+        image_logits = torch.stack([scale * image[i] @ text[j] for j in range(n)])
+        text_logits = torch.stack([scale * text[i] @ image[j] for j in range(n)])
+        total = total - torch.log_softmax(image_logits, 0)[i] - torch.log_softmax(text_logits, 0)[i]
+    return total / (2 * n)
+
+
+def test_contrastive_loss_matches_a_naive_loop():
+    torch.manual_seed(0)
+    image = F.normalize(torch.randn(7, 5, dtype=torch.float64), dim=-1)
+    text = F.normalize(torch.randn(7, 5, dtype=torch.float64), dim=-1)
+    scale = torch.tensor(12.5, dtype=torch.float64)
+    torch.testing.assert_close(clip_loss(image, text, scale), _naive_clip_loss(image, text, 12.5))
+
+
+def test_perfect_alignment_gives_a_small_loss_and_wrong_pairs_a_large_one():
+    eye = torch.eye(4)
+    assert clip_loss(eye, eye, torch.tensor(100.0)) < 1e-6
+    assert clip_loss(eye, eye.roll(1, 0), torch.tensor(100.0)) > 50
+
+
+@pytest.fixture(scope="module")
+def tiny_coca():
+    register_model_configs()
+    torch.manual_seed(0)
+    clip = open_clip.create_model("vlp-tiny-coca")
+    return VLPModel(clip, pad_id=clip.pad_id), open_clip.get_tokenizer("vlp-tiny-coca")
+
+
+def test_caption_loss_equals_cross_entropy_on_shifted_tokens_with_pad_ignored(tiny_coca):
+    model, tokenizer = tiny_coca
+    images = torch.randn(3, 3, 32, 32)
+    tokens = tokenizer(["a red circle", "a small blue star and a large green cross", "hi"])
+    out = model(images, tokens[:, None])
+    ours = F.cross_entropy(out.caption_logits.flatten(0, 1), out.caption_targets.flatten())
+    reference = model.clip(images, tokens)  # open_clip's own forward: full context, no trimming
+    expected = F.cross_entropy(
+        reference["logits"].flatten(0, 1), tokens[:, 1:].flatten(), ignore_index=model.pad_id
+    )
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+    longest = int((tokens != 0).sum(1).max())
+    assert out.caption_logits.shape[1] == longest - 1  # decoded only up to the longest caption
+    assert (out.caption_targets == IGNORE_INDEX).sum() == (tokens[:, 1:longest] == 0).sum()
+
+
+def test_lr_schedule():
+    assert lr_at(0, 1.0, 10, 100) == pytest.approx(0.1)
+    assert lr_at(9, 1.0, 10, 100) == pytest.approx(1.0)
+    assert lr_at(10, 1.0, 10, 100) == pytest.approx(1.0)
+    assert lr_at(99, 1.0, 10, 100, min_lr=0.1) == pytest.approx(0.1)
+    middle = 10 + (99 - 10) / 2
+    assert lr_at(int(middle), 1.0, 10, 100) == pytest.approx(
+        0.5 * (1 + math.cos(math.pi * (int(middle) - 10) / 89))
+    )
+    assert lr_at(0, 1.0, 0, 1) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.lrr=1"], "unknown config key 'train.lrr'; did you mean train.lr?"),
+        (["objectives.contrastiv.weight=1"], "did you mean objectives.contrastive"),
+        (["train.lr=fast"], "train.lr"),
+        (["train.precision=fp16"], "train.precision: must be fp32 or bf16"),
+        (["objectives.contrastive.weight=0"], "at least one term"),
+        (["train.lr"], "must look like key=value"),
+    ],
+)
+def test_config_errors_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, ["data.train_shards=x", *overrides])
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_config_file_and_overrides_merge(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("data:\n  train_shards: a.tar\ntrain:\n  lr: 0.1\n  steps: 5\n")
+    cfg = load_config(path, ["train.steps=7", "objectives.caption.weight=2"])
+    assert (cfg.train.lr, cfg.train.steps, cfg.data.train_shards) == (0.1, 7, "a.tar")
+    assert set(cfg.objectives.active()) == {"contrastive", "caption"}
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "missing.yaml")

@@ -1,0 +1,307 @@
+"""The training data pipeline: shards -> pooled shuffle -> decode -> transform -> tokenize -> batch.
+
+Everything runs inside DataLoader workers and every random choice is seeded by position, so the
+batch stream is a pure function of the config and the step. Each batch carries its worker's
+position; the training loop stores the positions of the batches it consumed, and a resumed run
+restarts every worker there, skipping already-seen samples before decoding them.
+
+Shuffling is pooled: a worker reads whole shards until it holds `shuffle_buffer` samples and emits
+that pool in a seeded random order. A position is (first shard of the pool, items emitted), so a
+resume re-reads at most one pool.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from vlp.data.format import Reason
+from vlp.data.shards import DataError, expand_shards, read_shard, shard_sequence
+
+MAX_PIXELS = 89_478_485
+
+
+@dataclass
+class Position:
+    """Where a logical worker's stream stands: pool start (shard sequence index), items emitted."""
+
+    shard: int = 0
+    item: int = 0
+    bad: dict[str, int] = field(default_factory=dict)
+    """Skipped samples by reason, cumulative for this worker."""
+
+
+@dataclass
+class Batch:
+    images: Tensor
+    """[B, 3, H, W] transformed images."""
+    text: Tensor
+    """[B, T, L] token ids of the captions (T = 1 for one caption per image)."""
+    decoder_text: Tensor | None
+    """[B, L] decoder targets when they differ from text slot 0, else None."""
+    keys: list[str]
+    worker: int
+    """Logical worker that produced this batch."""
+    position: Position
+    """That worker's position after this batch."""
+
+
+class BadSample(Exception):
+    def __init__(self, reason: Reason):
+        super().__init__(reason.value)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class SampleDecoder:
+    """Raw tar sample -> (image tensor, caption tokens [1, L], decoder tokens [L] or None)."""
+
+    transform: Callable[[Image.Image], Tensor]
+    tokenizer: Callable[[list[str]], Tensor]
+    image_keys: tuple[str, ...]
+    text_key: str
+    caption: str
+    decoder_caption: str
+
+    def __call__(self, sample: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor | None]:
+        caption = self._text(sample, self.caption)
+        image = self.transform(self._image(sample))
+        tokens = self.tokenizer([caption])  # [1, L]
+        decoder = None
+        if self.decoder_caption != self.caption:
+            decoder = self.tokenizer([self._text(sample, self.decoder_caption)])[0]
+        return image, tokens, decoder
+
+    def _image(self, sample: dict[str, Any]) -> Image.Image:
+        key = next((k for k in self.image_keys if k in sample), None)
+        if key is None:
+            raise BadSample(Reason.MISSING_IMAGE)
+        data = sample[key]
+        if not data:
+            raise BadSample(Reason.EMPTY_IMAGE)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(data))
+                if image.width * image.height > MAX_PIXELS:
+                    raise BadSample(Reason.DECOMPRESSION_BOMB)
+                image.load()
+        except BadSample:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise BadSample(Reason.DECOMPRESSION_BOMB) from None
+        except Exception as err:  # Pillow raises many types; its message says "truncated"
+            truncated = "truncated" in str(err).lower()
+            raise BadSample(
+                Reason.TRUNCATED_IMAGE if truncated else Reason.UNDECODABLE_IMAGE
+            ) from None
+        return image.convert("RGB")
+
+    def _text(self, sample: dict[str, Any], policy: str) -> str:
+        if policy == "raw":
+            value = sample.get(self.text_key)
+        else:
+            meta = self._json(sample)
+            value = meta.get("long" if policy == "long" else policy.removeprefix("json:"))
+            if isinstance(value, list):
+                value = value[0] if value else None
+        if value is None:
+            raise BadSample(Reason.MISSING_CAPTION)
+        if isinstance(value, bytes):
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise BadSample(Reason.NON_UTF8_CAPTION) from None
+        value = str(value).strip()
+        if not value:
+            raise BadSample(Reason.EMPTY_CAPTION)
+        return value
+
+    @staticmethod
+    def _json(sample: dict[str, Any]) -> dict[str, Any]:
+        try:
+            meta = json.loads(sample.get("json") or b"{}")
+        except ValueError:
+            raise BadSample(Reason.MALFORMED_ROW) from None
+        if not isinstance(meta, dict):
+            raise BadSample(Reason.MALFORMED_ROW)
+        return meta
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """What determines every worker's sample stream."""
+
+    urls: list[str]
+    mode: str
+    seed: int
+    shuffle_buffer: int
+    batch_size: int
+    num_workers: int
+    """Logical workers per process (at least 1, also when reading in the main process)."""
+    rank: int
+    world_size: int
+
+    def slot(self, worker: int) -> int:
+        return self.rank * self.num_workers + worker
+
+    @property
+    def num_slots(self) -> int:
+        return self.world_size * self.num_workers
+
+
+def pooled_samples(
+    spec: StreamSpec, worker: int, start: Position
+) -> Iterator[tuple[Any, Position]]:
+    """Yield (raw sample or shard-level Reason, position after it) forever, from `start`."""
+    slot = spec.slot(worker)
+    sequence = shard_sequence(spec.urls, spec.mode, spec.seed, slot, spec.num_slots, start.shard)
+    skip, empty_shards = start.item, 0
+    next_shard = next(sequence)
+    while True:
+        pool_start, pool, problems = next_shard[0], [], []
+        while len(pool) < spec.shuffle_buffer:
+            samples, problem = read_shard(next_shard[1])
+            empty_shards = 0 if samples else empty_shards + 1
+            if empty_shards > len(spec.urls):
+                raise DataError(f"no samples in any shard of {spec.urls[0]} ... (missing or empty)")
+            pool.extend(samples)
+            problems += [problem] if problem else []
+            next_shard = next(sequence)
+        if skip == 0:  # shard problems belong to the pool's start: counted once, also on resume
+            for problem in problems:
+                yield problem, Position(pool_start, 0)
+        order = np.random.default_rng([spec.seed, slot, pool_start]).permutation(len(pool))
+        for emitted, index in enumerate(order[skip:], start=skip + 1):
+            yield pool[index], Position(pool_start, emitted)
+        skip = 0
+
+
+def worker_batches(spec: StreamSpec, decode: SampleDecoder, worker: int, start: Position):
+    """Batches of `spec.batch_size` good samples for one logical worker, forever."""
+    bad, items, good, skipped, seen_keys = Counter(start.bad), [], 0, 0, set()
+    for sample, position in pooled_samples(spec, worker, start):
+        if isinstance(sample, Reason):
+            bad[sample.value] += 1
+            continue
+        # seeded by position, so augmentations repeat exactly after a resume
+        seed = np.random.SeedSequence([spec.seed, spec.slot(worker), position.shard, position.item])
+        torch.manual_seed(int(seed.generate_state(1)[0]))
+        try:
+            items.append((*decode(sample), sample["__key__"]))
+            good += 1
+        except BadSample as bad_sample:
+            bad[bad_sample.reason.value] += 1
+            skipped += 1
+            seen_keys.update(k for k in sample if not k.startswith("__"))
+            # a whole pool (at least one shard) without one good sample: wrong keys, not bad luck
+            if good == 0 and skipped >= spec.shuffle_buffer:
+                raise DataError(_no_usable_samples(decode, seen_keys, bad)) from None
+            continue
+        if len(items) == spec.batch_size:
+            yield _collate(items, worker, Position(position.shard, position.item, dict(bad)))
+            items = []
+
+
+def _no_usable_samples(decode: SampleDecoder, keys: set[str], bad: Counter) -> str:
+    seen = ", ".join(f".{k}" for k in sorted(keys))
+    reasons = ", ".join(f"{r} {n}" for r, n in bad.most_common())
+    return (
+        f"no usable sample in the first shards: members seen {seen}; skipped {reasons}. "
+        f"Expected an image ({'/'.join(decode.image_keys)}) and caption "
+        f"'{decode.text_key if decode.caption == 'raw' else decode.caption}': "
+        "set data.image_key / data.text_key / data.caption to match the shards"
+    )
+
+
+def _collate(items: list[tuple], worker: int, position: Position) -> Batch:
+    images, tokens, decoder, keys = zip(*items, strict=True)
+    return Batch(
+        images=torch.stack(images),
+        text=torch.stack(tokens),
+        decoder_text=None if decoder[0] is None else torch.stack(decoder),
+        keys=list(keys),
+        worker=worker,
+        position=position,
+    )
+
+
+class TrainStream(IterableDataset):
+    """One process's batch stream; physical DataLoader workers play rotated logical roles.
+
+    DataLoader returns batches round-robin from workers 0, 1, ..., so global batch i comes from
+    logical worker i % W. After `consumed` batches the loader restarts at physical worker 0,
+    which must therefore play logical worker consumed % W.
+    """
+
+    def __init__(
+        self, spec: StreamSpec, decode: SampleDecoder, positions: dict[int, Position], consumed: int
+    ):
+        self.spec, self.decode = spec, decode
+        self.positions, self.consumed = positions, consumed
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        physical = info.id if info is not None else 0
+        worker = (physical + self.consumed) % self.spec.num_workers
+        start = self.positions.get(worker, Position())
+        yield from worker_batches(self.spec, self.decode, worker, start)
+
+
+def build_loader(
+    data_cfg: Any,
+    seed: int,
+    transform,
+    tokenizer,
+    rank: int,
+    world_size: int,
+    positions: dict[int, Position],
+    consumed: int,
+    pin_memory: bool,
+) -> DataLoader:
+    """A DataLoader over the configured shards for this process (not to be accelerate-prepared:
+    splitting across ranks happens here)."""
+    urls = expand_shards(data_cfg.train_shards)
+    num_workers = max(1, data_cfg.workers)
+    if data_cfg.mode == "epoch" and len(urls) < world_size * num_workers:
+        raise DataError(
+            f"data.train_shards has {len(urls)} shards for {world_size} processes x "
+            f"{num_workers} workers: lower data.workers, use data.mode=resampled, or reshard "
+            "with a smaller --samples-per-shard"
+        )
+    spec = StreamSpec(
+        urls,
+        data_cfg.mode,
+        seed,
+        data_cfg.shuffle_buffer,
+        data_cfg.batch_size,
+        num_workers,
+        rank,
+        world_size,
+    )
+    decode = SampleDecoder(
+        transform,
+        tokenizer,
+        tuple(data_cfg.image_key.split(";")),
+        data_cfg.text_key,
+        data_cfg.caption,
+        data_cfg.decoder_caption,
+    )
+    return DataLoader(
+        TrainStream(spec, decode, positions, consumed),
+        batch_size=None,
+        num_workers=data_cfg.workers,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if data_cfg.workers else None,
+    )

@@ -1,0 +1,61 @@
+"""Training logs: metrics.jsonl (one JSON object per line), TensorBoard, and a progress display."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def is_time(step: int, every: int, last: int) -> bool:
+    """True on every `every`-th step and on the last step (steps count from 1)."""
+    return every > 0 and (step % every == 0 or step == last)
+
+
+class MetricsLogger:
+    """Writes on the main process only; the other processes get a silent logger."""
+
+    def __init__(self, run_dir: Path, accelerator, total_steps: int, start_step: int):
+        self.accelerator = accelerator
+        self.active = accelerator.is_main_process
+        self.path = run_dir / METRICS_FILE
+        self.bar = None
+        if self.active and sys.stderr.isatty():
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        if not self.active:
+            return
+        record = {"step": step, "time": round(time.time(), 3), **values}
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        self.accelerator.log({k: v for k, v in values.items() if isinstance(v, int | float)}, step)
+        summary = _summary(values)
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix_str(summary)
+        else:
+            print(f"step {step}: {summary}", file=sys.stderr, flush=True)
+
+    def message(self, text: str) -> None:
+        if self.active:
+            (self.bar.write if self.bar is not None else print)(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _summary(values: dict[str, Any]) -> str:
+    parts = [f"loss {values['loss/total']:.4f}"] if "loss/total" in values else []
+    if "samples_per_s" in values:
+        parts.append(f"{values['samples_per_s']:.0f} samples/s")
+    if "data_wait" in values:
+        parts.append(f"data wait {100 * values['data_wait']:.0f}%")
+    return ", ".join(parts)

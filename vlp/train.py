@@ -1,0 +1,260 @@
+"""Train a CLIP or CoCa model: `accelerate launch vlp/train.py --config configs/X.yaml key=value ...`.
+
+With no arguments it trains configs/demo.yaml (building the demo shards first if they are missing).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:
+    # run as a file: import the vlp package, not this file's siblings as top-level modules
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from collections import Counter  # noqa: E402
+from dataclasses import asdict  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+from accelerate.utils import set_seed  # noqa: E402
+
+from vlp import checkpoint, distributed  # noqa: E402
+from vlp.config import Config, ConfigError, load_config, to_dict, to_yaml  # noqa: E402
+from vlp.data.pipeline import Batch, Position, build_loader  # noqa: E402
+from vlp.data.shards import DataError, expand_shards  # noqa: E402
+from vlp.metrics import MetricsLogger, is_time  # noqa: E402
+from vlp.model import build_model  # noqa: E402
+from vlp.objectives import WeightedObjective  # noqa: E402
+from vlp.optim import build_optimizer, lr_at  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO / "configs" / "demo.yaml"
+PROG = "vlp-train"
+
+
+class NonFiniteLoss(FloatingPointError):
+    pass
+
+
+class Trainer:
+    """Builds everything from the config, then `train()` runs the loop to `train.steps`."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run.output_dir)
+        self.accelerator = distributed.new_accelerator(
+            mixed_precision="bf16" if cfg.train.precision == "bf16" else "no",
+            log_with="tensorboard",
+            project_dir=str(self.run_dir),
+        )
+        set_seed(cfg.train.seed)
+        torch.use_deterministic_algorithms(cfg.train.deterministic)
+        model, train_transform, _, tokenizer = build_model(cfg.model)
+        self.objective = WeightedObjective(cfg.objectives)
+        if "caption" in self.objective.terms and not model.has_decoder:
+            raise ConfigError(
+                f"objectives.caption.weight={cfg.objectives.caption.weight} but model "
+                f"{cfg.model.name} has no text decoder: set it to 0 or use a CoCa model"
+            )
+        if cfg.train.compile:
+            model = torch.compile(model)
+        fused = self.accelerator.device.type == "cuda"
+        optimizer = build_optimizer(model, cfg.train, fused=fused)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.step, self.positions, start_meta = 0, {}, self._resume()
+        consumed = self.step * cfg.train.grad_accum
+        self.loader = build_loader(
+            cfg.data,
+            cfg.train.seed,
+            train_transform,
+            tokenizer,
+            distributed.rank(),
+            distributed.world_size(),
+            self.positions,
+            consumed,
+            pin_memory=fused,
+        )
+        self._start_run(start_meta)
+
+    def _resume(self) -> dict[str, Any] | None:
+        if self.cfg.resume is None:
+            return None
+        path = checkpoint.resolve(self.cfg.resume, self.run_dir)
+        if path is None:
+            return None
+        meta = checkpoint.load(self.accelerator, path)
+        saved = meta["data"]["positions"]
+        if (
+            len(saved) != distributed.world_size()
+            or meta["data"]["workers"] != self.cfg.data.workers
+        ):
+            raise ConfigError(
+                f"{path} was saved by {len(saved)} processes x {meta['data']['workers']} data "
+                f"workers; resume with the same numbers for an exact continuation"
+            )
+        self.step = meta["step"]
+        self.positions = {int(w): Position(**p) for w, p in saved[distributed.rank()].items()}
+        meta["path"] = str(path)
+        return meta
+
+    def _start_run(self, resumed: dict[str, Any] | None) -> None:
+        acc = self.accelerator
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+        acc.init_trackers("tensorboard")
+        self.logger = MetricsLogger(self.run_dir, acc, self.cfg.train.steps, self.step)
+        where = f"resumed from {resumed['path']} at step {self.step}" if resumed else "started"
+        self.logger.message(f"{PROG}: {where}; run directory {self.run_dir}")
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.data.batch_size * self.cfg.train.grad_accum * distributed.world_size()
+
+    def train(self) -> None:
+        cfg, batches = self.cfg, iter(self.loader)
+        window_start, window_steps, wait = time.perf_counter(), 0, 0.0
+        while self.step < cfg.train.steps:
+            logs, step_wait = self.train_step(batches)
+            self.step += 1
+            window_steps, wait = window_steps + 1, wait + step_wait
+            if is_time(self.step, cfg.train.log_every_steps, cfg.train.steps):
+                elapsed = time.perf_counter() - window_start
+                logs["samples_per_s"] = window_steps * self.global_batch / elapsed
+                logs["data_wait"] = wait / elapsed
+                self.logger.log(self.step, {**logs, **self._skipped_logs()})
+                window_start, window_steps, wait = time.perf_counter(), 0, 0.0
+            if is_time(self.step, cfg.checkpoint.every_steps, cfg.train.steps):
+                self.save()
+        self.logger.close()
+        self.accelerator.end_training()
+
+    def train_step(self, batches) -> tuple[dict[str, float], float]:
+        """One optimizer step over `grad_accum` micro-batches; returns (logs, seconds waiting)."""
+        accum, acc = self.cfg.train.grad_accum, self.accelerator
+        lr = lr_at(
+            self.step,
+            self.cfg.train.lr,
+            self.cfg.train.warmup_steps,
+            self.cfg.train.steps,
+            self.cfg.train.min_lr,
+        )
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        totals: Counter = Counter()
+        wait = 0.0
+        for micro in range(accum):
+            started = time.perf_counter()
+            batch: Batch = next(batches)
+            wait += time.perf_counter() - started
+            self.positions[batch.worker] = batch.position
+            sync = micro == accum - 1  # all-reduce gradients only on the last micro-batch
+            with contextlib.nullcontext() if sync else acc.no_sync(self.model):
+                loss, logs = self._loss(batch)
+                acc.backward(loss / accum)
+            totals.update({k: v.item() / accum for k, v in logs.items()})
+        if self.cfg.train.grad_clip > 0:
+            norm = acc.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+            totals["grad_norm"] = float(norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.objective.after_optimizer_step(acc.unwrap_model(self.model).clip)
+        totals["lr"] = lr
+        totals["logit_scale"] = acc.unwrap_model(self.model).logit_scale.exp().item()
+        return dict(totals), wait
+
+    def _loss(self, batch: Batch):
+        device = self.accelerator.device
+        decoder_text = None if batch.decoder_text is None else batch.decoder_text.to(device)
+        out = self.model(batch.images.to(device), batch.text.to(device), decoder_text)
+        loss, logs = self.objective(out, batch)
+        if not torch.isfinite(loss):
+            terms = ", ".join(f"{k} {v.item():.4g}" for k, v in logs.items())
+            raise NonFiniteLoss(f"non-finite loss at step {self.step + 1}: {terms}")
+        return loss, logs
+
+    def _skipped(self) -> Counter:
+        """Skipped samples by reason across this process's workers."""
+        total: Counter = Counter()
+        for position in self.positions.values():
+            total.update(position.bad)
+        return total
+
+    def _skipped_logs(self) -> dict[str, int]:
+        return {f"data/skipped/{reason}": n for reason, n in self._skipped().items()}
+
+    def save(self) -> None:
+        all_positions = distributed.all_gather_objects(
+            {w: asdict(p) for w, p in self.positions.items()}
+        )
+        skipped: Counter = Counter()
+        for rank_positions in all_positions:
+            for position in rank_positions.values():
+                skipped.update(position["bad"])
+        meta = {
+            "step": self.step,
+            "samples_seen": self.step * self.global_batch,
+            "config": to_dict(self.cfg),
+            "data": {"positions": all_positions, "workers": self.cfg.data.workers},
+            "skipped": dict(skipped),
+        }
+        path = checkpoint.save(
+            self.accelerator, self.model, self.run_dir, self.step, meta, self.cfg.checkpoint.keep
+        )
+        self.logger.message(f"{PROG}: saved {path}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help=f"YAML run config (default: {DEFAULT_CONFIG.relative_to(REPO)})",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted overrides, e.g. train.lr=1e-3 data.batch_size=32",
+    )
+    return parser.parse_args(argv)
+
+
+def ensure_demo_shards(cfg: Config) -> None:
+    """The default run trains on the demo shards; build them if they are missing."""
+    missing = [url for url in expand_shards(cfg.data.train_shards) if not Path(url).exists()]
+    if missing and distributed.rank() == 0:
+        out = Path(missing[0]).parents[1]
+        print(f"{PROG}: building the demo shards in {out}", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "data_tools", "demo", str(out)], check=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
+        if args.config is None:
+            ensure_demo_shards(cfg)
+        Trainer(cfg).train()
+    except (ConfigError, DataError) as err:
+        print(f"{PROG}: error: {_last_line(err)}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _last_line(err: Exception) -> str:
+    # errors raised in DataLoader workers arrive wrapped with the worker's traceback
+    return str(err).strip().splitlines()[-1].removeprefix(f"{type(err).__name__}: ")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
