@@ -41,8 +41,6 @@ def loss_and_grads(model, objective, images, text, accelerator=None):
         loss.backward()
     else:
         accelerator.backward(loss)
-    named = (
-        model.module.named_parameters() if hasattr(model, "module") else model.named_parameters()
-    )
-    grads = {name: p.grad.detach().clone() for name, p in named if p.grad is not None}
+    module = model.module if hasattr(model, "module") else model  # unwrap DDP
+    grads = {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
     return loss, grads

@@ -2,7 +2,7 @@
 
     RUN/checkpoints/step_000000100/
         state/               accelerator.save_state: model (safetensors), optimizer, RNG states
-        model.safetensors    the open_clip model's weights: open_clip.create_model(name, pretrained=this)
+        model.safetensors    open_clip weights: open_clip.create_model(name, pretrained=this file)
         meta.json            step, samples seen, data positions, skipped samples, config, versions
 
 Every file goes into a hidden `.step_*.tmp` directory that is renamed when complete, so a run

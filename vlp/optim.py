@@ -23,18 +23,17 @@ def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_lr
 
 
 def no_decay(name: str, param: nn.Parameter) -> bool:
-    """Biases, norm gains, embeddings' 1-D scales and temperatures: everything below 2-D."""
+    """Biases, norm gains and temperatures: every parameter below 2-D, and the logit scales."""
     return param.ndim < 2 or "logit_scale" in name or "logit_bias" in name
 
 
 def build_optimizer(model: nn.Module, train_cfg: Any, fused: bool = False) -> torch.optim.AdamW:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in named if not no_decay(n, p)]
+    rest = [p for n, p in named if no_decay(n, p)]
     groups = [
-        {
-            "params": [p for n, p in named if not no_decay(n, p)],
-            "weight_decay": train_cfg.weight_decay,
-        },
-        {"params": [p for n, p in named if no_decay(n, p)], "weight_decay": 0.0},
+        {"params": decay, "weight_decay": train_cfg.weight_decay},
+        {"params": rest, "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(
         groups,

@@ -1,4 +1,4 @@
-"""Train a CLIP or CoCa model: `accelerate launch vlp/train.py --config configs/X.yaml key=value ...`.
+"""Train CLIP or CoCa: `accelerate launch vlp/train.py --config configs/X.yaml key=value ...`.
 
 With no arguments it trains configs/demo.yaml (building the demo shards first if they are missing).
 """
