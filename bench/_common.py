@@ -26,7 +26,7 @@ BENCH = REPO / "bench"
 PEERS = BENCH / ".peers"
 WORK = BENCH / ".work"
 RESULTS = BENCH / "results"
-RSS_SAMPLE_SECONDS = 0.2
+PSS_SAMPLE_SECONDS = 0.2
 
 
 class PeerError(RuntimeError):
@@ -88,7 +88,7 @@ class RunResult:
     run: on a shared machine this says how far a wall time (and a scaling figure) was squeezed."""
     peak_pss_mb: float
     """Peak of the summed proportional set size of the command's whole process tree (sampled
-    every RSS_SAMPLE_SECONDS): PSS, not RSS, so pages shared by forked workers count once."""
+    every PSS_SAMPLE_SECONDS): PSS, not RSS, so pages shared by forked workers count once."""
 
 
 def run_timed(cmd: Sequence[str], log: Path, env: dict[str, str] | None = None) -> RunResult:
@@ -141,7 +141,7 @@ class _PssSampler(threading.Thread):
     def run(self) -> None:
         while not self._done.is_set():
             self.peak_kb = max(self.peak_kb, sum(_pss_kb(p) for p in _tree(self.pid)))
-            self._done.wait(RSS_SAMPLE_SECONDS)
+            self._done.wait(PSS_SAMPLE_SECONDS)
 
     def stop(self) -> None:
         self._done.set()

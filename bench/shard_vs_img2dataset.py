@@ -43,6 +43,8 @@ NAME = "shard_vs_img2dataset"
 PEER_REQUIREMENT = "img2dataset==1.47.0"
 STARTUP_IMAGES = 10
 VLP, I2D = "vlp", "img2dataset"
+MIN_IMAGES_FOR_STEADY_RATE = 20 * STARTUP_IMAGES
+"""Below this, a run is too close to a start-up run for their difference to mean anything."""
 NOISY_SHARE = 0.1
 """Above this share of the machine's CPU used by other processes, the report says so."""
 
@@ -94,10 +96,16 @@ def main(argv: list[str] | None = None) -> int:
     tools = [vlp_tool(settings), img2dataset_tool(settings, peer_python, peer_env)]
     tables = prepare_inputs(settings.images)
 
-    # the start-up runs come first and begin with an untimed round, which also warms up
-    # Python's bytecode caches for the main runs
-    startup = measure(tools, tables[STARTUP_IMAGES], STARTUP_IMAGES, (1,), settings, warmup=True)
-    runs = measure(tools, tables[settings.images], settings.images, settings.processes, settings)
+    try:
+        # the start-up runs come first and begin with an untimed round, which also warms up
+        # the caches for the main runs
+        startup = measure(tools, tables[STARTUP_IMAGES], STARTUP_IMAGES, (1,), settings, True)
+        runs = measure(
+            tools, tables[settings.images], settings.images, settings.processes, settings
+        )
+    except RuntimeError as err:  # a tool failed: its log says why, no traceback of ours needed
+        print(f"{NAME}: {err}", file=sys.stderr)
+        return 1
     summary = summarize(runs, startup, settings)
     print_report(summary, runs, settings)
     path = WORK / "results-quick.json" if args.quick else RESULTS / f"{NAME}.json"
@@ -111,7 +119,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=2000, help="images to shard (default 2000)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per tool and process count")
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2], metavar="P")
-    parser.add_argument("--samples-per-shard", type=int, default=1000)
+    parser.add_argument("--samples-per-shard", type=int, default=1000, metavar="N")
     parser.add_argument(
         "--i2d-threads",
         type=int,
@@ -128,8 +136,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
     if args.quick:
         # 20 per shard keeps two shards, so two processes still have work each
         return Settings(40, 1, tuple(args.processes), 20, args.i2d_threads)
-    if args.images < 1 or args.repeats < 1 or min(args.processes) < 1:
-        raise SystemExit(f"{NAME}: --images, --repeats and --processes must be at least 1")
+    if min(args.images, args.repeats, args.samples_per_shard, *args.processes) < 1:
+        raise SystemExit(
+            f"{NAME}: --images, --repeats, --samples-per-shard and --processes must be at least 1"
+        )
     shards = -(-args.images // args.samples_per_shard)
     if shards < max(args.processes):
         print(f"warning: {shards} shard(s) cannot keep {max(args.processes)} processes busy")
@@ -193,8 +203,8 @@ def prepare_inputs(images: int) -> dict[int, Path]:
         captions = [f"a soft, grainy cloud of colours, picture {i}" for i in range(count)]
         tables[count] = WORK / f"table-{count}.parquet"
         pq.write_table(pa.table({"url": urls, "caption": captions}), tables[count])
-    # the images were read by whichever tool ran first; reading them now puts both tools
-    # on a warm page cache
+    # one read of every image now, so that the first timed tool does not pay alone for a
+    # cold page cache
     for path in paths:
         path.read_bytes()
     return tables
@@ -308,16 +318,26 @@ def summarize(
             tool: {str(p): _scaling(per_tool[tool], p) for p in s.processes if p != 1}
             for tool in (VLP, I2D)
         }
-        # start-up is a fixed cost; the rate without it is what a large job converges to
-        summary["images_per_s_excluding_startup_p1"] = {
-            tool: round(
-                (s.images - STARTUP_IMAGES)
-                / max(per_tool[tool]["1"]["median_seconds"] - startup_s[tool], 1e-9),
-                1,
-            )
+    if 1 in s.processes and s.images >= MIN_IMAGES_FOR_STEADY_RATE:
+        # start-up is a fixed cost; without it is what a large job converges to
+        summary["excluding_startup_p1"] = {
+            tool: _steady(per_tool[tool]["1"], [r for r in startup if r["tool"] == tool], s)
             for tool in (VLP, I2D)
         }
     return summary
+
+
+def _steady(cell: dict[str, Any], startup: list[dict[str, Any]], s: Settings) -> dict[str, float]:
+    """Rate and CPU per image of the images beyond the start-up run's, from the medians."""
+    extra = s.images - STARTUP_IMAGES
+    seconds = cell["median_seconds"] - statistics.median(r["seconds"] for r in startup)
+    cpu = cell["median_cpu_ms_per_image"] * s.images / 1000 - statistics.median(
+        r["cpu_seconds"] for r in startup
+    )
+    return {
+        "images_per_s": round(extra / seconds, 1),
+        "cpu_ms_per_image": round(1000 * cpu / extra, 3),
+    }
 
 
 def _cell(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -392,10 +412,13 @@ def print_report(summary: dict[str, Any], runs: list[dict[str, Any]], s: Setting
     st = summary["startup_seconds"]
     print(f"start-up ({STARTUP_IMAGES} images, 1 process): vlp {st[VLP]:.2f} s, "
           f"img2dataset {st[I2D]:.2f} s")  # fmt: skip
-    if "images_per_s_excluding_startup_p1" in summary:
-        ex = summary["images_per_s_excluding_startup_p1"]
-        print(f"images/s without start-up, 1 process: vlp {ex[VLP]:.1f}, "
-              f"img2dataset {ex[I2D]:.1f}")  # fmt: skip
+    if "excluding_startup_p1" in summary:
+        ex = summary["excluding_startup_p1"]
+        print(
+            f"without start-up, 1 process: vlp {ex[VLP]['images_per_s']:.1f} images/s "
+            f"({ex[VLP]['cpu_ms_per_image']:.2f} CPU ms/img), img2dataset "
+            f"{ex[I2D]['images_per_s']:.1f} images/s ({ex[I2D]['cpu_ms_per_image']:.2f} CPU ms/img)"
+        )
     busiest = max(r["others_cpu_share"] for r in runs)
     if busiest > NOISY_SHARE:
         print(

@@ -4,7 +4,8 @@ The training core's contract (vlp/checkpoint.py):
 
     RUN/config.yaml, RUN/metrics.jsonl
     RUN/checkpoints/step_000000100/model.safetensors   open_clip state-dict names
-    RUN/checkpoints/step_000000100/meta.json           {"step": 100, "config": {"model": {"name": ...}}}
+    RUN/checkpoints/step_000000100/meta.json           {"step": 100, "config": {"model":
+                                                        {"name": ...}}, ...}
 
 A checkpoint is written under a name starting with "." and renamed when complete, so a
 `step_*` directory with a `meta.json` is complete; the latest is the one with the highest step.

@@ -9,9 +9,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from eval.datasets import EvalSet, read_batches
+from eval.datasets import EvalSet
 from eval.models import EvalModel, prefix_lengths
 from eval.progress import progress
+from eval.samples import read_batches
 
 
 @dataclass

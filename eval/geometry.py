@@ -22,7 +22,7 @@ DEFAULT_CHUNK = 1024
 
 
 def modality_gap(x: Tensor, y: Tensor) -> Tensor:
-    """‖μ_x − μ_y‖ of the centroids of normalised embeddings (centroids not renormalised); in [0, 2]."""
+    """‖μ_x − μ_y‖ between the centroids (not renormalised) of unit vectors; in [0, 2]."""
     return torch.linalg.vector_norm(x.mean(dim=0) - y.mean(dim=0))
 
 
@@ -53,9 +53,7 @@ def _squared_distances(a: Tensor, b: Tensor) -> Tensor:
     return (a.pow(2).sum(1)[:, None] + b.pow(2).sum(1)[None, :] - 2 * a @ b.T).clamp_min(0)
 
 
-def _log_mean_exp_pairs(
-    a: Tensor, b: Tensor, t: float, keep: str, chunk_size: int
-) -> Tensor:
+def _log_mean_exp_pairs(a: Tensor, b: Tensor, t: float, keep: str, chunk_size: int) -> Tensor:
     """log mean over pairs (i, j) of exp(−t‖a_i − b_j‖²), pairs j > i ("upper") or j ≠ i.
 
     Computed per block of rows with log-sum-exp, so any t and any N is stable and the
@@ -100,9 +98,7 @@ def effective_rank(x: Tensor) -> Tensor:
     return torch.exp(-(p * p.log()).sum()).to(x.dtype)
 
 
-def linear_separability(
-    x: Tensor, y: Tensor, seed: int = 0, train_fraction: float = 0.8
-) -> float:
+def linear_separability(x: Tensor, y: Tensor, seed: int = 0, train_fraction: float = 0.8) -> float:
     """Test accuracy of a logistic regression telling images (0) from texts (1).
 
     The pairs are split at random (seeded) into train_fraction / rest, so a pair's image and

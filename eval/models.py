@@ -13,6 +13,7 @@ from pathlib import Path
 import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.factory import load_state_dict
 from open_clip.transformer import text_global_pool
 from safetensors import SafetensorError
 from torch import Tensor
@@ -21,7 +22,11 @@ from eval.checkpoints import CheckpointRef
 from eval.errors import UsageError
 from vlp.model import register_model_configs
 
-PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS: dict[str, torch.dtype | None] = {
+    "fp32": None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
 """Autocast dtype per --precision; fp32 runs without autocast."""
 
 
@@ -69,8 +74,9 @@ class EvalModel:
     @contextlib.contextmanager
     def _inference(self) -> Iterator[None]:
         dtype = PRECISIONS[self.precision]
-        with torch.inference_mode(), torch.autocast(
-            self.device.type, dtype=dtype, enabled=dtype is not None
+        with (
+            torch.inference_mode(),
+            torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None),
         ):
             yield
 
@@ -150,24 +156,37 @@ def check_model_name(name: str) -> None:
 
 
 def load_weights(module: torch.nn.Module, weights: Path, model_name: str) -> None:
-    """Load an open_clip state dict into `module`; a usage error naming what does not fit."""
+    """Load an open_clip weights file into `module`; a usage error naming what does not fit.
+
+    vlp checkpoints carry open_clip's own names and shapes and load directly; anything else
+    goes through open_clip's converting loader (older open_clip layouts, third-party formats).
+    """
+    try:
+        state = load_state_dict(str(weights))
+    except _UNREADABLE as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UsageError(f"{weights}: not a weights file open_clip can read ({reason})") from err
+    problem = _incompatibility(module, state)
+    if problem is None:
+        module.load_state_dict(state)
+        return
     try:
         incompatible = open_clip.load_checkpoint(module, str(weights), strict=False)
-    except (RuntimeError, ValueError, OSError, pickle.UnpicklingError, SafetensorError) as err:
-        raise UsageError(_mismatch_message(module, weights, model_name, err)) from err
+    # open_clip signals some shape mismatches with assert (e.g. a text width change)
+    except (RuntimeError, ValueError, KeyError, AssertionError) as err:
+        raise UsageError(_mismatch_message(weights, model_name, problem)) from err
     if incompatible.missing_keys or incompatible.unexpected_keys:
-        raise UsageError(_mismatch_message(module, weights, model_name, None))
+        raise UsageError(_mismatch_message(weights, model_name, problem))
 
 
-def _mismatch_message(
-    module: torch.nn.Module, weights: Path, model_name: str, err: Exception | None
-) -> str:
-    try:
-        found = {k: tuple(v.shape) for k, v in open_clip.load_state_dict(str(weights)).items()}
-    except (RuntimeError, ValueError, OSError, pickle.UnpicklingError, SafetensorError):
-        first_line = str(err).strip().splitlines()[0] if err else "unreadable"
-        return f"{weights}: not a weights file open_clip can read ({first_line})"
+_UNREADABLE = (RuntimeError, ValueError, OSError, EOFError, pickle.UnpicklingError, SafetensorError)
+"""What torch.load and safetensors raise for a file that is not a state dict."""
+
+
+def _incompatibility(module: torch.nn.Module, state: dict[str, Tensor]) -> str | None:
+    """What keeps `state` from loading into `module` as it is, or None."""
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
     missing = sorted(expected.keys() - found.keys())
     unexpected = sorted(found.keys() - expected.keys())
     reshaped = sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k])
@@ -182,8 +201,12 @@ def _mismatch_message(
         parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
     if unexpected:
         parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    return ", ".join(parts) or None
+
+
+def _mismatch_message(weights: Path, model_name: str, problem: str) -> str:
     return (
-        f"{weights} does not fit model {model_name!r}: {', '.join(parts) or 'incompatible'}; "
+        f"{weights} does not fit model {model_name!r}: {problem}; "
         "pass the --model these weights were trained as"
     )
 

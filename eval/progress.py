@@ -11,7 +11,9 @@ from tqdm import tqdm
 T = TypeVar("T")
 
 
-def progress(items: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Iterator[T]:
+def progress(
+    items: Iterable[T], desc: str, total: int | None = None, unit: str = "it"
+) -> Iterator[T]:
     """`items`, with a tqdm bar on stderr when stderr is a terminal."""
     if not sys.stderr.isatty():
         yield from items

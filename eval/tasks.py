@@ -26,7 +26,9 @@ def evaluate_geometry(model: EvalModel, dataset: EvalSet, options: EvalOptions) 
         "geometry_pairs": "each image with its first caption",
         "dataset_root": str(dataset.root),
     }
-    return EvalResult(dataset.name, GEOMETRY, geometry_metrics(images, texts, options.seed), details)
+    return EvalResult(
+        dataset.name, GEOMETRY, geometry_metrics(images, texts, options.seed), details
+    )
 
 
 @dataclass(frozen=True)

@@ -102,3 +102,14 @@ def test_config_file_and_overrides_merge(tmp_path):
     assert set(cfg.objectives.active()) == {"contrastive", "caption"}
     with pytest.raises(ConfigError, match="no such config file"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_fresh_coca_decoder_projection_is_initialised():
+    """open_clip leaves it as torch.empty; build_model must give it a proper random init."""
+    from vlp.model import build_model
+
+    cfg = load_config(None, ["data.train_shards=x", "model.name=vlp-tiny-coca"])
+    model = build_model(cfg.model)[0]
+    projection = model.clip.text_decoder.text_projection
+    assert torch.isfinite(projection).all()
+    assert projection.std().item() == pytest.approx(64**-0.5, rel=0.05)

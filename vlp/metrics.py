@@ -26,8 +26,19 @@ class MetricsLogger:
         self.active = accelerator.is_main_process
         self.path = run_dir / METRICS_FILE
         self.bar = None
+        if self.active:
+            self._drop_records_after(start_step)
         if self.active and sys.stderr.isatty():
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def _drop_records_after(self, step: int) -> None:
+        """A resumed run repeats the steps after its checkpoint: forget their first records."""
+        if not self.path.exists():
+            return
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if json.loads(line)["step"] <= step]
+        if len(kept) != len(lines):
+            self.path.write_text("".join(kept))
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         if not self.active:
@@ -44,8 +55,12 @@ class MetricsLogger:
             print(f"step {step}: {summary}", file=sys.stderr, flush=True)
 
     def message(self, text: str) -> None:
-        if self.active:
-            (self.bar.write if self.bar is not None else print)(text)
+        if not self.active:
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -123,6 +123,8 @@ def build_model(model_cfg: Any) -> tuple[VLPModel, Any, Any, Any]:
         if model_cfg.hf_text_model is not None
         else open_clip.get_tokenizer(name)
     )
+    if model_cfg.pretrained is None and hasattr(clip, "text_decoder"):
+        init_decoder_projection(clip.text_decoder)
     if model_cfg.lock_image:
         clip.lock_image_tower()
     if model_cfg.lock_text:
@@ -135,6 +137,17 @@ def build_model(model_cfg: Any) -> tuple[VLPModel, Any, Any, Any]:
         eval_transform,
         tokenizer,
     )
+
+
+def init_decoder_projection(decoder: nn.Module) -> None:
+    """Initialise the CoCa decoder's vocabulary projection.
+
+    open_clip 3.3 builds it with torch.empty and never initialises it (its MultimodalTransformer
+    .init_parameters is never called and would fail if it were), so a fresh CoCa starts from
+    uninitialised memory: garbage logits, or NaN when deterministic algorithms are on.
+    """
+    with torch.no_grad():
+        nn.init.normal_(decoder.text_projection, std=decoder.width**-0.5)
 
 
 def _hf_text_cfg(name: str, path: str) -> dict[str, Any]:

@@ -66,7 +66,8 @@ class Trainer:
         fused = self.accelerator.device.type == "cuda"
         optimizer = build_optimizer(model, cfg.train, fused=fused)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        self.step, self.positions, start_meta = 0, {}, self._resume()
+        self.step, self.positions = 0, {}
+        start_meta = self._resume()
         consumed = self.step * cfg.train.grad_accum
         self.loader = build_loader(
             cfg.data,

@@ -1,0 +1,208 @@
+"""`vlp-eval` (also `python -m eval`): score a checkpoint on eval sets, or write a run report.
+
+vlp-eval --checkpoint PATH --dataset DIR [--dataset DIR ...] [--task auto|...] [--output F]
+vlp-eval report RUN_DIR [--dataset DIR ...] [--output DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from eval.errors import UsageError
+from eval.options import EvalOptions
+
+PROG = "vlp-eval"
+REPORT = "report"
+TASK_CHOICES = ("auto", "zeroshot_classification", "zeroshot_retrieval", "geometry")
+"""Mirrors eval.tasks.TASKS; kept literal so `--help` answers without importing torch."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == [REPORT]:
+        return _guarded(lambda: run_report(build_report_parser().parse_args(args[1:])))
+    return _guarded(lambda: run_eval(build_parser().parse_args(args)))
+
+
+def _guarded(action: Callable[[], int]) -> int:
+    try:
+        return action()
+    except UsageError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Zero-shot classification, retrieval and embedding-geometry metrics of a "
+        "checkpoint on eval sets in clip_benchmark's layout. "
+        f"`{PROG} {REPORT} RUN_DIR ...` writes a run report instead (see `{PROG} {REPORT} -h`).",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="PATH",
+        help="a vlp checkpoint directory, a run directory (its latest checkpoint) or an "
+        "open_clip weights file (with --model)",
+    )
+    parser.add_argument(
+        "--dataset",
+        required=True,
+        nargs="+",
+        action="extend",
+        metavar="DIR",
+        help="eval set directories (repeatable)",
+    )
+    parser.add_argument(
+        "--model", metavar="NAME", help="open_clip model name (default: from the checkpoint)"
+    )
+    parser.add_argument(
+        "--task",
+        default="auto",
+        choices=TASK_CHOICES,
+        help="auto (default) reads each set's dataset_type.txt: classification sets get "
+        "zeroshot_classification, retrieval sets zeroshot_retrieval (with geometry)",
+    )
+    parser.add_argument(
+        "--output",
+        metavar="FILE",
+        help="JSON result file; with several results a directory or a template using "
+        "{dataset} {task} {model} {pretrained} {language}",
+    )
+    _add_run_options(parser)
+    return parser
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=int, default=64, metavar="N", help="(default 64)")
+    parser.add_argument(
+        "--workers", type=int, default=1, metavar="N", help="image decoding processes (default 1)"
+    )
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="(default fp32)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the linear-separability split (default 0)"
+    )
+    parser.add_argument(
+        "--recall-k", type=int, nargs="+", default=[1, 5, 10], metavar="K", help="(1 5 10)"
+    )
+    parser.add_argument(
+        "--retrieval-method",
+        default="auto",
+        choices=("auto", "exact", "faiss", "faiss-ivf"),
+        help="exact: chunked exact scores; faiss: exact inner-product index; faiss-ivf: "
+        "approximate inverted-file index; auto: exact below --faiss-threshold, else faiss-ivf",
+    )
+    parser.add_argument(
+        "--faiss-threshold",
+        type=int,
+        default=1_000_000,
+        metavar="N",
+        help="gallery size from which auto uses faiss-ivf (default 1000000)",
+    )
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from eval.checkpoints import resolve_checkpoint
+    from eval.datasets import open_eval_set
+
+    options = _options(args)
+    # everything the user named is checked before the model is loaded, paths before torch is
+    datasets = [open_eval_set(Path(d)) for d in args.dataset]
+    ref = resolve_checkpoint(Path(args.checkpoint), args.model)
+
+    from eval.models import load_model
+    from eval.results import markdown_tables, output_paths, write_result
+    from eval.tasks import task_for
+
+    plan = [(dataset, task_for(args.task, dataset)) for dataset in datasets]
+    planned = [(dataset.name, task.name) for dataset, task in plan]
+    paths = (
+        output_paths(args.output, planned, ref.model_name, str(ref.weights)) if args.output else []
+    )
+    model = load_model(ref, args.device, args.precision)
+    results = []
+    for dataset, task in plan:
+        start = time.perf_counter()
+        result = task.run(model, dataset, options)
+        result.details.update(seconds=round(time.perf_counter() - start, 3), step=model.step)
+        results.append(result)
+    for path, result in zip(paths, results, strict=False):
+        write_result(path, result, model.name, model.pretrained)
+    step = f", step {model.step}" if model.step is not None else ""
+    print(f"## {model.name} ({model.pretrained}{step})\n")
+    print(markdown_tables(results), end="")
+    for path in paths:
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _options(args: argparse.Namespace) -> EvalOptions:
+    try:
+        return EvalOptions(
+            batch_size=args.batch_size,
+            workers=args.workers,
+            recall_ks=tuple(args.recall_k),
+            retrieval_method=args.retrieval_method,
+            faiss_threshold=args.faiss_threshold,
+            seed=args.seed,
+        )
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+
+
+def build_report_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} {REPORT}",
+        description="Write RUN_DIR's report: report.md with training curves from "
+        "metrics.jsonl and, for each --dataset, metrics and figures of the latest checkpoint "
+        "(modality-gap projection, confusion matrix, retrieval examples).",
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a training run directory")
+    parser.add_argument(
+        "--dataset", nargs="+", action="extend", default=[], metavar="DIR", help="eval sets"
+    )
+    parser.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        help="checkpoint to evaluate (default: the run's latest complete checkpoint)",
+    )
+    parser.add_argument("--model", metavar="NAME", help="open_clip model name override")
+    parser.add_argument(
+        "--output", metavar="DIR", help="report directory (default: RUN_DIR/report)"
+    )
+    parser.add_argument(
+        "--examples", type=int, default=4, metavar="N", help="retrieval examples (default 4)"
+    )
+    _add_run_options(parser)
+    return parser
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from eval.report import write_report
+
+    run_dir = Path(args.run_dir)
+    output = Path(args.output) if args.output else run_dir / "report"
+    path = write_report(
+        run_dir,
+        [Path(d) for d in args.dataset],
+        output,
+        checkpoint=Path(args.checkpoint) if args.checkpoint else None,
+        model_name=args.model,
+        device=args.device,
+        precision=args.precision,
+        options=_options(args),
+        num_examples=args.examples,
+    )
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,121 @@
+"""End to end: train, SIGKILL mid-run, resume, and land on bitwise the same weights."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vlp.model import VLPModel, register_model_configs
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 24
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("shards")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data_tools",
+            "demo",
+            str(out),
+            "--num-samples",
+            "480",
+            "--samples-per-shard",
+            "60",
+            "--image-size",
+            "32",
+            "--eval-samples",
+            "8",
+        ],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
+    return str(out / "train" / "{00000..00007}.tar")
+
+
+def _command(shards: str, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "vlp/train.py",
+        "--config",
+        "configs/demo.yaml",
+        f"data.train_shards={shards}",
+        f"run.output_dir={run_dir}",
+        "model.name=vlp-tiny-coca",
+        "data.batch_size=8",
+        "data.workers=2",
+        "data.shuffle_buffer=100",
+        f"train.steps={STEPS}",
+        "train.warmup_steps=4",
+        "train.grad_accum=2",
+        "train.deterministic=true",
+        "train.log_every_steps=4",
+        "checkpoint.every_steps=4",
+        "checkpoint.keep=10",
+        *extra,
+    ]
+
+
+def _final(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "checkpoints" / f"step_{STEPS:09d}" / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_reach_bitwise_identical_weights(shards, tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(_command(shards, straight), cwd=REPO, check=True, capture_output=True)
+
+    process = subprocess.Popen(
+        _command(shards, killed), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 300
+    while not (killed / "checkpoints" / f"step_{8:09d}").exists():
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "checkpoints" / f"step_{STEPS:09d}").exists()
+    resumed = subprocess.run(_command(shards, killed), cwd=REPO, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stderr
+
+    a, b = _final(straight), _final(killed)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the straight run"
+    losses = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1]["loss/total"] < losses[0]["loss/total"]
+
+
+@pytest.mark.slow
+def test_exported_weights_load_in_open_clip_with_identical_embeddings(shards, tmp_path):
+    run_dir = tmp_path / "run"
+    subprocess.run(
+        _command(shards, run_dir, "train.steps=4"), cwd=REPO, check=True, capture_output=True
+    )
+    checkpoint = run_dir / "checkpoints" / f"step_{4:09d}"
+    register_model_configs()
+    exported = open_clip.create_model(
+        "vlp-tiny-coca", pretrained=str(checkpoint / "model.safetensors")
+    )
+    ours = VLPModel(open_clip.create_model("vlp-tiny-coca"))
+    ours.load_state_dict(load_file(checkpoint / "state" / "model.safetensors"))
+    exported.eval(), ours.eval()
+    images = torch.randn(2, 3, 32, 32)
+    text = open_clip.get_tokenizer("vlp-tiny-coca")(["a red circle", "a blue star"])
+    with torch.no_grad():
+        out = ours(images, text[:, None])
+        torch.testing.assert_close(exported.encode_image(images), out.image_emb, rtol=0, atol=0)
+        torch.testing.assert_close(exported.encode_text(text), out.text_emb, rtol=0, atol=0)
