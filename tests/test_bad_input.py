@@ -8,8 +8,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import make_image, run_cli
 from PIL import Image
+
+from tests.conftest import make_image, run_cli
 
 INJECTED = {
     "missing_file": 2,
@@ -117,7 +118,7 @@ def test_verify_reports_the_sharders_counts(tmp_path, cli):
     code, out, _ = cli("verify", pattern)
     assert code == 0 and "6 good, 0 bad" in out
     # corrupt the shard set the way web data is corrupt, then compare both tools' counts
-    from test_sources import _img2dataset_like
+    from tests.test_sources import _img2dataset_like
 
     corrupt = _img2dataset_like(tmp_path / "web", 9, 3)
     first = tmp_path / "web" / "00000.tar"

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torchvision.transforms as T
-from conftest import make_image, tar_members
 
 from data_tools.sources.fashion_mnist import CLASSNAMES, DEFAULT_IDX_DIR
+from tests.conftest import make_image, tar_members
 
 REAL_IDX = DEFAULT_IDX_DIR / "train-images-idx3-ubyte.gz"
 

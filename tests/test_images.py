@@ -6,11 +6,11 @@ import io
 
 import numpy as np
 import pytest
-from conftest import image_bytes
 from PIL import Image
 
 from data_tools.images import ImageOptions, process_image
 from data_tools.sample import BadSample, Reason
+from tests.conftest import image_bytes
 
 
 def _decode(data: bytes) -> Image.Image:

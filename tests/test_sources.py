@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import make_image, tar_members
 
 from data_tools.sources.reshard import ReshardSource
+from tests.conftest import make_image, tar_members
 
 
 def _images(root: Path, count: int) -> list[str]:
@@ -146,7 +146,8 @@ def test_hf_source(tmp_path, cli, saved):
 def _img2dataset_like(directory: Path, count: int, per_shard: int) -> str:
     """Shards as img2dataset writes them: key.jpg, key.txt, key.json with url/key metadata."""
     import webdataset as wds
-    from conftest import image_bytes
+
+    from tests.conftest import image_bytes
 
     directory.mkdir(parents=True)
     for shard in range(-(-count // per_shard)):

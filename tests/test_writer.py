@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, shard_bytes
 
 from data_tools.sources.reshard import index_tar
+from tests.conftest import REPO, shard_bytes
 
 DEMO = ("--image-size", "32", "--eval-samples", "20")
 

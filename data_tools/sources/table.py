@@ -91,9 +91,10 @@ def _read_jsonl(path: Path, columns: list[str]):
 def _read_parquet(path: Path, columns: list[str]):
     import pyarrow.parquet as pq
 
-    names = pq.read_schema(path).names
+    parquet = pq.ParquetFile(path)  # not pq.read_table: that imports pandas (0.4 s start-up)
+    names = parquet.schema_arrow.names
     check_columns(path, names, columns)
-    table = pq.read_table(path, columns=columns)
+    table = parquet.read(columns=columns)
     return names, {c: table.column(c).to_pylist() for c in columns}
 
 

@@ -1,7 +1,7 @@
 """Helpers for the eval tests: eval sets, fake models with known answers, tiny checkpoints.
 
 Not a conftest.py: a second conftest module would shadow tests/conftest.py for the
-`from conftest import ...` lines of the other tests. Session-wide inputs are built once
+`from tests.conftest import ...` lines of the other tests. Session-wide inputs are built once
 under pytest's base temp directory, whichever test module asks first.
 """
 
