@@ -50,7 +50,8 @@ class DataConfig:
     replacement (infinite, any number of shards)."""
     shuffle_buffer: int = 2000
     """Samples shuffled together: whole shards are read until this many are pooled, then the pool
-    is emitted in a seeded random order (exact resume re-reads at most one pool)."""
+    is emitted in a seeded random order (exact resume re-reads at most one pool). A worker whose
+    share of the data is smaller than this pools several passes over it."""
     image_key: str = "jpg;png;webp;jpeg"
     """Tar member extensions holding the image, first match wins."""
     text_key: str = "txt"

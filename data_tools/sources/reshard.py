@@ -63,6 +63,8 @@ def index_tar(path: Path, shard: int) -> list[_Item]:
     if truncated is None and size - _round_up(end) < END_OF_ARCHIVE:
         truncated = f"{path}: ends without the end-of-archive marker"
     if truncated is not None:
+        # the sample at the cut may be missing members: drop it, and count the tar once
+        items = items[:-1]
         items.append(_Item(shard, "", {}, BadSample(Reason.TRUNCATED_TAR, truncated)))
     return items
 

@@ -70,4 +70,6 @@ def read_shard(url: str) -> tuple[list[dict[str, Any]], Reason | None]:
         samples.append(
             {k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"}
         )
+    if problem and problem[0] is Reason.TRUNCATED_TAR:
+        samples = samples[:-1]  # the sample at the cut may lack members (vlp-shard does the same)
     return samples, (problem[0] if problem else None)
