@@ -16,8 +16,8 @@ import pytest
 import torchvision.transforms as T
 from PIL import Image
 
-from vlp.data.pipeline import Position, SampleDecoder, StreamSpec, pooled_samples
 from vlp.data.pipeline import BadSample as PipelineBadSample
+from vlp.data.pipeline import Position, SampleDecoder, StreamSpec, pooled_samples
 
 REPO = Path(__file__).resolve().parents[1]
 INJECTED = {"undecodable_image": 3, "missing_caption": 2, "non_utf8_caption": 2, "truncated_tar": 1}
