@@ -113,3 +113,15 @@ def test_fresh_coca_decoder_projection_is_initialised():
     projection = model.clip.text_decoder.text_projection
     assert torch.isfinite(projection).all()
     assert projection.std().item() == pytest.approx(64**-0.5, rel=0.05)
+
+
+def test_trimmed_text_encoding_equals_open_clips_full_context():
+    """vlp drops trailing padding for CLIP text towers; the embeddings must not change."""
+    register_model_configs()
+    clip = open_clip.create_model("vlp-tiny-clip").eval()
+    model = VLPModel(clip)
+    assert model.trims_text
+    tokens = open_clip.get_tokenizer("vlp-tiny-clip")(["a red circle", "two shapes: a star"])
+    with torch.no_grad():
+        trimmed = model(torch.randn(2, 3, 32, 32), tokens[:, None]).text_emb
+        torch.testing.assert_close(trimmed, clip.encode_text(tokens, normalize=True))

@@ -15,6 +15,8 @@ from typing import Any
 
 import open_clip
 import torch
+import torch.nn.functional as F
+from open_clip.transformer import text_global_pool
 from torch import Tensor, nn
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
@@ -60,6 +62,7 @@ class VLPModel(nn.Module):
         self.clip = clip
         self.pad_id = pad_id
         self.has_decoder = hasattr(clip, "text_decoder")
+        self.trims_text = can_trim_text(clip)
 
     @property
     def logit_scale(self) -> nn.Parameter:
@@ -73,7 +76,7 @@ class VLPModel(nn.Module):
             text_latent, text_tokens = self.clip._encode_text(text.reshape(-1, length))
         else:
             image_emb = self.clip.encode_image(images, normalize=True)
-            text_latent = self.clip.encode_text(text.reshape(-1, length), normalize=True)
+            text_latent = self._encode_text(text.reshape(-1, length))
         text_all = text_latent.reshape(batch, slots, -1)
         out = ModelOutput(
             image_emb=image_emb,
@@ -92,6 +95,24 @@ class VLPModel(nn.Module):
             )
         return out
 
+    def _encode_text(self, tokens: Tensor) -> Tensor:
+        """Normalised text embeddings [N, D]; drops trailing padding where that is exact."""
+        if not self.trims_text:
+            return self.clip.encode_text(tokens, normalize=True)
+        # open_clip's CLIP.encode_text, with the positional table and causal mask cut to the
+        # batch's longest caption (it always adds the full-length table, so it cannot be fed less)
+        clip, length = self.clip, longest(tokens, self.pad_id)
+        tokens = tokens[:, :length]
+        cast = clip.transformer.get_cast_dtype()
+        x = clip.token_embedding(tokens).to(cast) + clip.positional_embedding[:length].to(cast)
+        x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask[:length, :length]))
+        x = text_global_pool(
+            x, tokens, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None)
+        )
+        projection = clip.text_projection
+        x = projection(x) if isinstance(projection, nn.Linear) else x @ projection
+        return F.normalize(x, dim=-1)
+
     def _caption(self, image_tokens: Tensor, token_embs: Tensor, tokens: Tensor):
         """Teacher forcing: position i predicts token i+1. The shift happens here and only here.
 
@@ -99,11 +120,31 @@ class VLPModel(nn.Module):
         trailing padding leaves every kept position's logits unchanged. Padding targets become
         IGNORE_INDEX (cross-entropy's default ignore value).
         """
-        valid = tokens != self.pad_id  # [B, L]
-        length = int(valid.any(0).nonzero().max()) + 1 if valid.any() else 2
-        targets = tokens[:, 1:length].masked_fill(~valid[:, 1:length], IGNORE_INDEX)
+        length = max(2, longest(tokens, self.pad_id))
+        valid = tokens[:, 1:length] != self.pad_id
+        targets = tokens[:, 1:length].masked_fill(~valid, IGNORE_INDEX)
         logits = self.clip.text_decoder(image_tokens, token_embs[:, : length - 1])
         return logits, targets  # [B, length-1, V], [B, length-1]
+
+
+def longest(tokens: Tensor, pad_id: int) -> int:
+    """1 + the last non-padding position over the whole batch (tokens [..., L])."""
+    used = (tokens != pad_id).flatten(0, -2).any(0).nonzero()
+    return int(used.max()) + 1 if len(used) else 1
+
+
+def can_trim_text(clip: nn.Module) -> bool:
+    """Whether dropping trailing padding leaves open_clip's text embeddings unchanged.
+
+    True for the classic CLIP text tower with a causal mask and a pooled position that does not
+    move (argmax/eos/first): every kept position sees the same tokens, and the pooled one is
+    kept. CoCa's text tower appends a CLS token after the padding, so it is never trimmed.
+    """
+    return (
+        type(clip) is open_clip.CLIP
+        and getattr(clip, "attn_mask", None) is not None
+        and getattr(clip, "text_pool_type", None) in ("argmax", "eos", "first")
+    )
 
 
 def build_model(model_cfg: Any) -> tuple[VLPModel, Any, Any, Any]:
