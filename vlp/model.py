@@ -156,14 +156,15 @@ def build_model(model_cfg: Any) -> tuple[VLPModel, Any, Any, Any]:
     kwargs: dict[str, Any] = {}
     if model_cfg.hf_text_model is not None:
         kwargs["text_cfg"] = _hf_text_cfg(name, model_cfg.hf_text_model)
+        kwargs["force_custom_text"] = True  # open_clip decides the class before applying kwargs
     clip, train_transform, eval_transform = open_clip.create_model_and_transforms(
         name, pretrained=model_cfg.pretrained, **kwargs
     )
-    tokenizer = (
-        open_clip.HFTokenizer(model_cfg.hf_text_model, context_length=clip.context_length)
-        if model_cfg.hf_text_model is not None
-        else open_clip.get_tokenizer(name)
-    )
+    if model_cfg.hf_text_model is not None:
+        context = kwargs["text_cfg"]["context_length"]
+        tokenizer = open_clip.tokenizer.HFTokenizer(model_cfg.hf_text_model, context_length=context)
+    else:
+        tokenizer = open_clip.get_tokenizer(name)
     if model_cfg.pretrained is None and hasattr(clip, "text_decoder"):
         init_decoder_projection(clip.text_decoder)
     if model_cfg.lock_image:
@@ -205,6 +206,7 @@ def _hf_text_cfg(name: str, path: str) -> dict[str, Any]:
     )
     for key in ("width", "heads", "layers", "vocab_size"):
         text_cfg.pop(key, None)
+    text_cfg.setdefault("context_length", 77)
     return text_cfg
 
 
