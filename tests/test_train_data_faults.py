@@ -17,7 +17,7 @@ import torchvision.transforms as T
 from PIL import Image
 
 from vlp.data.pipeline import BadSample as PipelineBadSample
-from vlp.data.pipeline import Position, SampleDecoder, StreamSpec, pooled_samples
+from vlp.data.pipeline import Cursor, Position, SampleDecoder, StreamSpec, pooled_items
 
 REPO = Path(__file__).resolve().parents[1]
 INJECTED = {"undecodable_image": 3, "missing_caption": 2, "non_utf8_caption": 2, "truncated_tar": 1}
@@ -78,7 +78,7 @@ def _decoder() -> SampleDecoder:
 def _tally(spec: StreamSpec, count: int) -> Counter:
     """Reasons of the first `count` items the worker's stream yields, decoded independently."""
     tally, decode = Counter(), _decoder()
-    for position, (sample, _) in enumerate(pooled_samples(spec, 0, Position())):
+    for position, (sample, _) in enumerate(pooled_items(spec, 0, 0, Cursor())):
         if position == count:
             return tally
         if not isinstance(sample, dict):
@@ -95,7 +95,7 @@ def _tally(spec: StreamSpec, count: int) -> Counter:
 def test_a_full_pass_finds_exactly_the_injected_faults(tmp_path):
     urls = [str(tmp_path / f"{i}.tar") for i in range(3)]
     _make_shards(tmp_path)
-    spec = StreamSpec(urls, "epoch", 0, POOL, 4, 1, 0, 1)
+    spec = StreamSpec([urls], [1.0], "epoch", 0, POOL, 4, 1, 0, 1)
     tally = _tally(spec, 1 + GOOD + 7)  # one pass: the pool's shard problem, then every sample
     assert tally == Counter({**INJECTED, "good": GOOD})
 
@@ -128,9 +128,11 @@ def test_training_on_corrupt_shards_completes_and_counts_every_skip(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     meta = json.loads((run_dir / "checkpoints" / f"step_{steps:09d}" / "meta.json").read_text())
-    position = Position(**meta["data"]["positions"][0]["0"])
-    spec = StreamSpec([str(tmp_path / f"{i}.tar") for i in range(3)], "epoch", 0, POOL, 4, 1, 0, 1)
-    expected = _tally(spec, position.item + 1)  # + 1: the shard problem precedes the samples
+    position = Position.from_dict(meta["data"]["positions"][0]["0"])
+    spec = StreamSpec(
+        [[str(tmp_path / f"{i}.tar") for i in range(3)]], [1.0], "epoch", 0, POOL, 4, 1, 0, 1
+    )
+    expected = _tally(spec, position.cursors[0].item)  # items count the shard problem too
     assert expected.pop("good") == steps * 4
     assert meta["skipped"] == dict(expected)
     assert set(expected) <= set(INJECTED) and expected["truncated_tar"] == 1

@@ -38,9 +38,20 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    shards: str = MISSING
+    """Shard pattern of this source."""
+    weight: float = 1.0
+    """Relative share of the samples drawn from this source."""
+
+
+@dataclass
 class DataConfig:
-    train_shards: str = MISSING
+    train_shards: str = ""
     """Shard pattern: local path, brace pattern, or URL; '::' joins several patterns."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """Instead of train_shards: several shard sets mixed by weight (each sample's source is
+    drawn at random with these weights)."""
     batch_size: int = 64
     """Samples per process per micro-step (global batch = batch_size x processes)."""
     workers: int = 2
@@ -156,6 +167,12 @@ def _validate(cfg: Config) -> None:
         ),
         (cfg.data.decoder_caption in ("raw", "long"), "data.decoder_caption", "raw or long"),
         (bool(cfg.objectives.active()), "objectives", "at least one term with a non-zero weight"),
+        (
+            bool(cfg.data.train_shards) != bool(cfg.data.sources),
+            "data.train_shards",
+            "set (or data.sources instead, not both)",
+        ),
+        (all(s.weight > 0 for s in cfg.data.sources), "data.sources", "positive weights"),
     ]
     for ok, key, expected in checks:
         if not ok:

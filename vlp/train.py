@@ -99,7 +99,9 @@ class Trainer:
                 f"workers; resume with the same numbers for an exact continuation"
             )
         self.step = meta["step"]
-        self.positions = {int(w): Position(**p) for w, p in saved[distributed.rank()].items()}
+        self.positions = {
+            int(w): Position.from_dict(p) for w, p in saved[distributed.rank()].items()
+        }
         meta["path"] = str(path)
         return meta
 

@@ -33,13 +33,35 @@ MAX_PIXELS = 89_478_485
 
 
 @dataclass
-class Position:
-    """Where a logical worker's stream stands: pool start (shard sequence index), items emitted."""
+class Cursor:
+    """One source's place in a worker's stream: the pool's first shard, items emitted from it.
+
+    A pool's items are its shards' problems (missing or truncated tars) first, then its samples
+    in shuffled order; `item` counts both, so a resume skips exactly what was already seen.
+    """
 
     shard: int = 0
     item: int = 0
+
+
+@dataclass
+class Position:
+    """Where a logical worker's stream stands."""
+
+    cursors: list[Cursor]
+    """One per source, in config order."""
+    drawn: int = 0
+    """Samples drawn across sources (the mixing stream's counter)."""
     bad: dict[str, int] = field(default_factory=dict)
     """Skipped samples by reason, cumulative for this worker."""
+
+    @classmethod
+    def start(cls, num_sources: int) -> Position:
+        return cls([Cursor() for _ in range(num_sources)])
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Position:
+        return cls([Cursor(**c) for c in data["cursors"]], data["drawn"], dict(data["bad"]))
 
 
 @dataclass
@@ -143,7 +165,10 @@ class SampleDecoder:
 class StreamSpec:
     """What determines every worker's sample stream."""
 
-    urls: list[str]
+    sources: list[list[str]]
+    """Shard URLs of each source."""
+    weights: list[float]
+    """Each source's share of the samples drawn."""
     mode: str
     seed: int
     shuffle_buffer: int
@@ -161,12 +186,12 @@ class StreamSpec:
         return self.world_size * self.num_workers
 
 
-def pooled_samples(
-    spec: StreamSpec, worker: int, start: Position
-) -> Iterator[tuple[Any, Position]]:
-    """Yield (raw sample or shard-level Reason, position after it) forever, from `start`."""
-    slot = spec.slot(worker)
-    sequence = shard_sequence(spec.urls, spec.mode, spec.seed, slot, spec.num_slots, start.shard)
+def pooled_items(spec: StreamSpec, source: int, worker: int, start: Cursor):
+    """Yield (raw sample or shard-level Reason, cursor after it) of one source, forever."""
+    slot, urls = spec.slot(worker), spec.sources[source]
+    sequence = shard_sequence(
+        urls, spec.mode, [spec.seed, source], slot, spec.num_slots, start.shard
+    )
     skip, empty_shards = start.item, 0
     next_shard = next(sequence)
     while True:
@@ -174,29 +199,40 @@ def pooled_samples(
         while len(pool) < spec.shuffle_buffer:
             samples, problem = read_shard(next_shard[1])
             empty_shards = 0 if samples else empty_shards + 1
-            if empty_shards > len(spec.urls):
-                raise DataError(f"no samples in any shard of {spec.urls[0]} ... (missing or empty)")
+            if empty_shards > len(urls):
+                raise DataError(f"no samples in any shard of {urls[0]} ... (missing or empty)")
             pool.extend(samples)
             problems += [problem] if problem else []
             next_shard = next(sequence)
-        if skip == 0:  # shard problems belong to the pool's start: counted once, also on resume
-            for problem in problems:
-                yield problem, Position(pool_start, 0)
-        order = np.random.default_rng([spec.seed, slot, pool_start]).permutation(len(pool))
-        for emitted, index in enumerate(order[skip:], start=skip + 1):
-            yield pool[index], Position(pool_start, emitted)
+        order = np.random.default_rng([spec.seed, source, slot, pool_start]).permutation(len(pool))
+        items = problems + [pool[i] for i in order]
+        for emitted in range(skip + 1, len(items) + 1):
+            yield items[emitted - 1], Cursor(pool_start, emitted)
         skip = 0
+
+
+def _choose_source(spec: StreamSpec, worker: int, drawn: int) -> int:
+    """The source of draw number `drawn`: seeded by the counter, so a resume repeats it."""
+    if len(spec.weights) == 1:
+        return 0
+    rng = np.random.default_rng([spec.seed, spec.slot(worker), drawn])
+    return int(rng.choice(len(spec.weights), p=np.asarray(spec.weights) / sum(spec.weights)))
 
 
 def worker_batches(spec: StreamSpec, decode: SampleDecoder, worker: int, start: Position):
     """Batches of `spec.batch_size` good samples for one logical worker, forever."""
-    bad, items, good, skipped, seen_keys = Counter(start.bad), [], 0, 0, set()
-    for sample, position in pooled_samples(spec, worker, start):
-        if isinstance(sample, Reason):
+    streams = [pooled_items(spec, s, worker, c) for s, c in enumerate(start.cursors)]
+    cursors, drawn, bad = list(start.cursors), start.drawn, Counter(start.bad)
+    items, good, skipped, seen_keys = [], 0, 0, set()
+    while True:
+        source = _choose_source(spec, worker, drawn)
+        sample, cursors[source] = next(streams[source])
+        if isinstance(sample, Reason):  # a shard problem is not a draw: draw again
             bad[sample.value] += 1
             continue
-        # seeded by position, so augmentations repeat exactly after a resume
-        seed = np.random.SeedSequence([spec.seed, spec.slot(worker), position.shard, position.item])
+        drawn += 1
+        # augmentations are seeded by position, so they repeat exactly after a resume
+        seed = np.random.SeedSequence([spec.seed, spec.slot(worker), drawn])
         torch.manual_seed(int(seed.generate_state(1)[0]))
         try:
             items.append((*decode(sample), sample["__key__"]))
@@ -210,7 +246,7 @@ def worker_batches(spec: StreamSpec, decode: SampleDecoder, worker: int, start: 
                 raise DataError(_no_usable_samples(decode, seen_keys, bad)) from None
             continue
         if len(items) == spec.batch_size:
-            yield _collate(items, worker, Position(position.shard, position.item, dict(bad)))
+            yield _collate(items, worker, Position(list(cursors), drawn, dict(bad)))
             items = []
 
 
@@ -255,7 +291,7 @@ class TrainStream(IterableDataset):
         info = get_worker_info()
         physical = info.id if info is not None else 0
         worker = (physical + self.consumed) % self.spec.num_workers
-        start = self.positions.get(worker, Position())
+        start = self.positions.get(worker, Position.start(len(self.spec.sources)))
         yield from worker_batches(self.spec, self.decode, worker, start)
 
 
@@ -272,16 +308,19 @@ def build_loader(
 ) -> DataLoader:
     """A DataLoader over the configured shards for this process (not to be accelerate-prepared:
     splitting across ranks happens here)."""
-    urls = expand_shards(data_cfg.train_shards)
+    patterns = [(s.shards, s.weight) for s in data_cfg.sources] or [(data_cfg.train_shards, 1.0)]
+    sources = [expand_shards(pattern) for pattern, _ in patterns]
     num_workers = max(1, data_cfg.workers)
-    if data_cfg.mode == "epoch" and len(urls) < world_size * num_workers:
-        raise DataError(
-            f"data.train_shards has {len(urls)} shards for {world_size} processes x "
-            f"{num_workers} workers: lower data.workers, use data.mode=resampled, or reshard "
-            "with a smaller --samples-per-shard"
-        )
+    for (pattern, _), urls in zip(patterns, sources, strict=True):
+        if data_cfg.mode == "epoch" and len(urls) < world_size * num_workers:
+            raise DataError(
+                f"{pattern} has {len(urls)} shards for {world_size} processes x "
+                f"{num_workers} workers: lower data.workers, use data.mode=resampled, or "
+                "reshard with a smaller --samples-per-shard"
+            )
     spec = StreamSpec(
-        urls,
+        sources,
+        [float(weight) for _, weight in patterns],
         data_cfg.mode,
         seed,
         data_cfg.shuffle_buffer,

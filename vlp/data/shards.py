@@ -33,15 +33,15 @@ def expand_shards(pattern: str) -> list[str]:
 
 
 def shard_sequence(
-    urls: list[str], mode: str, seed: int, slot: int, num_slots: int, start: int = 0
+    urls: list[str], mode: str, seed: list[int], slot: int, num_slots: int, start: int = 0
 ) -> Iterator[tuple[int, str]]:
     """Yield (n, url) for n = start, start+1, ... of this slot's infinite shard sequence."""
     if mode == "resampled":
         for n in range(start, 2**62):  # one generator per draw: skipping ahead is O(1)
-            yield n, urls[int(np.random.default_rng([seed, slot, n]).integers(len(urls)))]
+            yield n, urls[int(np.random.default_rng([*seed, slot, n]).integers(len(urls)))]
     n = 0
     for epoch in range(2**62):
-        order = np.random.default_rng([seed, epoch]).permutation(len(urls))
+        order = np.random.default_rng([*seed, epoch]).permutation(len(urls))
         mine = order[slot::num_slots]
         if n + len(mine) <= start:
             n += len(mine)
