@@ -21,9 +21,12 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) ## create .venv and install vlp with its dev tools (idempotent)
 
-demo: $(STAMP) ## build the demo shards and eval sets under data/demo
+demo: $(STAMP) ## build the demo shards, then train the demo CoCa (configs/demo.yaml)
 	$(PY) -m data_tools demo $(DEMO_DIR) --workers $(WORKERS)
-	@echo "demo shards: $(DEMO_DIR)/train  eval sets: $(DEMO_DIR)/eval/shapes $(DEMO_DIR)/eval/retrieval"
+	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no \
+		--dynamo_backend no vlp/train.py
+	@echo "demo shards: $(DEMO_DIR)/train  eval sets: $(DEMO_DIR)/eval/{shapes,retrieval}"
+	@echo "demo run:    runs/demo (config.yaml, metrics.jsonl, checkpoints/, tensorboard)"
 
 test: $(STAMP) ## run the test suite (CPU only, a few minutes)
 	$(PY) -m pytest -q

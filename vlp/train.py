@@ -136,6 +136,10 @@ class Trainer:
                 self.save()
         self.logger.close()
         self.accelerator.end_training()
+        self.logger.message(
+            f"{PROG}: done at step {self.step}; checkpoints in {self.run_dir / 'checkpoints'}, "
+            f"metrics in {self.run_dir / 'metrics.jsonl'}"
+        )
 
     def train_step(self, batches) -> tuple[dict[str, float], float]:
         """One optimizer step over `grad_accum` micro-batches; returns (logs, seconds waiting)."""
