@@ -122,11 +122,20 @@ class LabeledTableSource(TableSource):
         super().__init__(path, image_col, label_col, root)
         self.label_col = label_col
         labels = [_text(v) for v in self.captions]
+        present = [v for v in labels if v is not None]
         if classnames is None:
-            classnames = sorted({v for v in labels if v is not None})
+            if present and all(v.isdigit() for v in present):
+                raise UsageError(
+                    f"{path}: column {label_col!r} holds class indices; pass --classnames FILE "
+                    "(one class name per line, in index order)"
+                )
+            classnames = sorted(set(present))
+            lookup = {name: i for i, name in enumerate(classnames)}
+        else:
+            # labels may be indices or names; a name wins where a name looks like an index
+            lookup = {str(i): i for i in range(len(classnames))}
+            lookup.update({name: i for i, name in enumerate(classnames)})
         self.classnames = list(classnames)
-        lookup = {name: i for i, name in enumerate(self.classnames)}
-        lookup.update({str(i): i for i in range(len(self.classnames))})
         self.labels = [lookup.get(v) if v is not None else None for v in labels]
 
     def read(self, index: int) -> RawSample:

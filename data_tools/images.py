@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import math
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,8 +54,7 @@ def open_image(data: ImageInput, max_pixels: int) -> Image.Image:
     if len(data) == 0:
         raise BadSample(Reason.EMPTY_IMAGE, "image file is empty (0 bytes)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with _pillow_pixel_limit(max_pixels):
             image = Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise BadSample(Reason.DECOMPRESSION_BOMB, str(err)) from None
@@ -66,6 +66,19 @@ def open_image(data: ImageInput, max_pixels: int) -> Image.Image:
             Reason.DECOMPRESSION_BOMB, f"{width}x{height} exceeds --max-pixels {max_pixels}"
         )
     return image
+
+
+@contextmanager
+def _pillow_pixel_limit(max_pixels: int):
+    """Pillow's own bomb check at our limit (it reads a process-wide setting)."""
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
 
 
 def load_pixels(image: Image.Image, draft_size: tuple[int, int] | None) -> Image.Image:

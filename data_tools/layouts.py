@@ -51,8 +51,8 @@ def classification_members(key: str, sample: RawSample, opts: ImageOptions) -> M
 def retrieval_members(key: str, sample: RawSample, opts: ImageOptions) -> Members:
     """clip_benchmark retrieval: `{key}.{ext}` + `{key}.txt` with one caption per line."""
     raw = sample.caption if isinstance(sample.caption, list) else [sample.caption]
-    # absent captions (None) are allowed where rows have a varying number of them
-    present = [caption for caption in raw if caption is not None]
+    # rows may have a varying number of captions: absent (None) or blank cells are skipped
+    present = [caption for caption in raw if caption is not None and not _blank(caption)]
     if not present:
         raise BadSample(Reason.MISSING_CAPTION, "no caption")
     # a caption must stay one line: the reader splits the .txt on newlines
@@ -62,6 +62,10 @@ def retrieval_members(key: str, sample: RawSample, opts: ImageOptions) -> Member
     if sample.meta:
         members[fmt.METADATA_EXTENSION] = _json_bytes(sample.meta)
     return members
+
+
+def _blank(caption: Any) -> bool:
+    return isinstance(caption, str | bytes) and not caption.strip()
 
 
 def _single(caption: Any) -> Any:

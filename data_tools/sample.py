@@ -43,6 +43,8 @@ def clean_caption(caption: str | bytes | None) -> str:
     """Decode (strictly, UTF-8) and strip a caption; raise BadSample if unusable."""
     if caption is None:
         raise BadSample(Reason.MISSING_CAPTION, "no caption")
+    if not isinstance(caption, str | bytes | bytearray):
+        raise BadSample(Reason.MALFORMED_ROW, f"caption is a {type(caption).__name__}, not text")
     if isinstance(caption, bytes | bytearray):
         try:
             caption = bytes(caption).decode("utf-8")

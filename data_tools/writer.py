@@ -9,10 +9,12 @@ node sees every shard done.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import multiprocessing as mp
 import os
+import socket
 import tarfile
 import time
 from collections import Counter
@@ -71,6 +73,8 @@ class _Job:
     image: ImageOptions
     samples_per_shard: int
     key_width: int
+    fingerprint_id: str
+    """Hash of the settings that determine the bytes; a shard's stats must carry it to count."""
 
     def items(self, shard: int) -> range:
         start = shard * self.samples_per_shard
@@ -92,11 +96,11 @@ def write_dataset(
     if len(source) == 0:
         raise UsageError("the source has no items: nothing to shard")
     out_dir.mkdir(parents=True, exist_ok=True)
-    job = _Job(
-        source, out_dir, layout, image, opts.samples_per_shard, max(9, len(str(len(source))))
-    )
-    num_shards = -(-len(source) // opts.samples_per_shard)
     fingerprint = _fingerprint(source, layout, image, opts)
+    digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+    key_width = max(9, len(str(len(source))))
+    job = _Job(source, out_dir, layout, image, opts.samples_per_shard, key_width, digest)
+    num_shards = -(-len(source) // opts.samples_per_shard)
     _check_previous_run(out_dir, fingerprint, opts.overwrite)
     mine = [i for i in range(num_shards) if i % opts.num_nodes == opts.node_rank]
     _remove_leftovers(job, mine, num_shards, opts.overwrite)
@@ -154,7 +158,7 @@ def _write_shard(shard: int, advance) -> dict[str, Any]:
     assert job is not None
     name = job.layout.shard_name.format(index=shard)
     final = job.out_dir / name
-    temporary = job.out_dir / f".{name}.tmp{os.getpid()}"
+    temporary = job.out_dir / f".{name}.tmp-{socket.gethostname()}-{os.getpid()}"
     start = time.monotonic()
     count, errors, examples = 0, Counter(), {}
     with tarfile.open(temporary, "w", format=tarfile.USTAR_FORMAT) as tar:
@@ -179,6 +183,7 @@ def _write_shard(shard: int, advance) -> dict[str, Any]:
         "num_items": len(job.items(shard)),
         "bytes": final.stat().st_size,
         "seconds": round(time.monotonic() - start, 3),
+        "fingerprint": job.fingerprint_id,
     }
     _write_json(job.out_dir / fmt.stats_name(name), stats)
     return stats
@@ -198,24 +203,53 @@ def _add_sample(tar: tarfile.TarFile, members: dict[str, Any]) -> None:
         tar.addfile(info, io.BytesIO(data))
 
 
-def _is_complete(job: _Job, shard: int) -> bool:
+def _completed_stats(job: _Job, shard: int) -> dict[str, Any] | None:
+    """The shard's stats if it is complete and was written with the current settings.
+
+    Stats left by a run with other settings (an interrupted --overwrite, say) do not count.
+    """
     name = job.layout.shard_name.format(index=shard)
-    return (job.out_dir / name).exists() and (job.out_dir / fmt.stats_name(name)).exists()
+    stats_path = job.out_dir / fmt.stats_name(name)
+    if not (job.out_dir / name).exists() or not stats_path.exists():
+        return None
+    stats = json.loads(stats_path.read_text())
+    return stats if stats.get("fingerprint") == job.fingerprint_id else None
+
+
+def _is_complete(job: _Job, shard: int) -> bool:
+    return _completed_stats(job, shard) is not None
 
 
 def _remove_leftovers(job: _Job, mine: list[int], num_shards: int, overwrite: bool) -> None:
-    """Delete this node's stale temporaries; with --overwrite also shards past the new end."""
+    """Delete dead temporaries of this host; with --overwrite also shards past the new end.
+
+    Temporaries are named `.NAME.tmp-HOST-PID`: another live process (a concurrent run, or
+    another node on a shared filesystem) may still be writing any other one.
+    """
     names = {job.layout.shard_name.format(index=i) for i in mine}
-    for path in job.out_dir.glob(".*.tar.tmp*"):
-        if path.name[1:].split(".tmp")[0] in names:
+    host = socket.gethostname()
+    for path in job.out_dir.glob(".*.tar.tmp-*"):
+        name, _, owner = path.name[1:].partition(".tmp-")
+        owner_host, _, pid = owner.rpartition("-")
+        if name in names and owner_host == host and pid.isdigit() and not _alive(int(pid)):
             path.unlink(missing_ok=True)
     if overwrite:
         index = num_shards
         while (job.out_dir / job.layout.shard_name.format(index=index)).exists():
             name = job.layout.shard_name.format(index=index)
-            (job.out_dir / name).unlink()
+            (job.out_dir / name).unlink(missing_ok=True)
             (job.out_dir / fmt.stats_name(name)).unlink(missing_ok=True)
             index += 1
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def _fingerprint(source: Source, layout: Layout, image: ImageOptions, opts: WriteOptions):
@@ -247,10 +281,10 @@ def _finish(job: _Job, num_shards: int, fingerprint: dict[str, Any], summary: Su
     """Write sizes.json and the final manifest if every shard (from any node) is done."""
     all_stats = []
     for shard in range(num_shards):
-        path = job.out_dir / fmt.stats_name(job.layout.shard_name.format(index=shard))
-        if not path.exists():
+        stats = _completed_stats(job, shard)
+        if stats is None:
             return
-        all_stats.append(json.loads(path.read_text()))
+        all_stats.append(stats)
     sizes = {stats["shard"]: stats["count"] for stats in all_stats}
     _write_json(job.out_dir / fmt.SIZES_FILE, sizes)
     for stats in all_stats:

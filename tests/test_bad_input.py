@@ -240,3 +240,48 @@ def test_usage_error_in_a_fresh_process_has_no_traceback(tmp_path):
     ]
     result = run_cli("table", "--bogus")
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_numeric_labels_need_classnames_and_odd_cells_are_counted(tmp_path, cli):
+    make_image(tmp_path / "a.jpg")
+    (tmp_path / "labels.csv").write_text("path,label\na.jpg,2\na.jpg,10\n")
+    code, _, err = cli(
+        "eval-set",
+        "classification",
+        tmp_path / "o",
+        "--table",
+        tmp_path / "labels.csv",
+        "--image-col",
+        "path",
+        "--label-col",
+        "label",
+    )
+    assert code == 2 and "holds class indices; pass --classnames" in err
+    (tmp_path / "t.jsonl").write_text(
+        '{"image": "a.jpg", "caption": 123}\n{"image": "a.jpg", "caption": "fine"}\n'
+    )
+    code, out, _ = cli(
+        "table",
+        tmp_path / "t.jsonl",
+        tmp_path / "o2",
+        "--image-col",
+        "image",
+        "--caption-col",
+        "caption",
+    )
+    assert code == 0 and "malformed_row 1" in out
+    (tmp_path / "r.csv").write_text("image,a,b\na.jpg,hello,\n")
+    code, out, _ = cli(
+        "eval-set",
+        "retrieval",
+        tmp_path / "o3",
+        "--table",
+        tmp_path / "r.csv",
+        "--image-col",
+        "image",
+        "--caption-col",
+        "a",
+        "--caption-col",
+        "b",
+    )
+    assert code == 0 and "skipped" not in out

@@ -94,3 +94,23 @@ def test_fewer_shards_than_workers_is_an_error_with_advice(tmp_path):
     pattern = _shards(tmp_path, "s", 3)
     with pytest.raises(DataError, match="3 shards for 2 processes x 2 workers"):
         _loader([f"data.train_shards={pattern}", "data.workers=2"], world=(0, 2))
+
+
+@pytest.mark.parametrize("cut", ["member_boundary", "sample_boundary", "end_marker"])
+def test_tars_cut_at_a_boundary_are_reported_truncated(tmp_path, cut):
+    from vlp.data.shards import index_tar, read_shard
+
+    _shards(tmp_path, "s", 1)
+    path = tmp_path / "s0.tar"
+    with tarfile.open(path) as tar:
+        members = [m for m in tar if m.isfile()]
+    ends = {
+        "member_boundary": members[4].offset,  # before sample 2's caption header
+        "sample_boundary": members[6].offset,  # before sample 3's image header
+        "end_marker": members[-1].offset_data + 512,
+    }
+    path.write_bytes(path.read_bytes()[: ends[cut]])
+    samples, problem = read_shard(str(path))
+    assert problem is not None and problem.value == "truncated_tar"
+    assert all({"jpg", "txt"} <= set(s) for s in samples)  # no sample with missing members
+    assert len(samples) == len(index_tar(path).samples)

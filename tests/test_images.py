@@ -83,4 +83,15 @@ def test_bad_images_raise_with_reason(data, reason):
 def test_decompression_bomb_is_rejected_before_decoding():
     with pytest.raises(BadSample) as caught:
         process_image(image_bytes(100, 100), ImageOptions(size=16, max_pixels=9_999))
-    assert caught.value.reason is Reason.DECOMPRESSION_BOMB and "100x100" in caught.value.detail
+    assert caught.value.reason is Reason.DECOMPRESSION_BOMB and "exceeds" in caught.value.detail
+
+
+def test_max_pixels_above_pillows_default_is_honoured(tmp_path):
+    """Pillow's own limit (89.5 Mpx) must not override a larger --max-pixels."""
+    from data_tools.images import open_image
+
+    buffer = io.BytesIO()
+    Image.new("1", (10000, 9000)).save(buffer, "PNG")  # 90 Mpx, a few KB
+    assert open_image(buffer.getvalue(), 100_000_000).size == (10000, 9000)
+    with pytest.raises(BadSample):
+        open_image(buffer.getvalue(), 89_000_000)

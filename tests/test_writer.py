@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from data_tools.sources.reshard import index_tar
 from tests.conftest import REPO, shard_bytes
+from vlp.data.shards import index_tar
 
 DEMO = ("--image-size", "32", "--eval-samples", "20")
 
@@ -101,11 +101,22 @@ def test_sigkill_mid_run_then_rerun_gives_identical_shards(tmp_path, cli):
     visible = sorted((killed / "train").glob("*.tar"))
     assert 3 <= len(visible) < 40
     for shard in visible:  # no partial shard is visible: every one is a complete tar
-        items = index_tar(shard, 0)
-        assert len(items) == 100 and all(item.problem is None for item in items)
+        index = index_tar(shard)
+        assert len(index.samples) == 100 and index.problem is None
     assert not (killed / "train" / "sizes.json").exists()
     assert cli(*args[:1], killed, *args[1:])[0] == 0
     assert not list((killed / "train").glob(".*tmp*"))
     assert cli(*args[:1], tmp_path / "clean", *args[1:])[0] == 0
     assert shard_bytes(killed / "train") == shard_bytes(tmp_path / "clean" / "train")
     assert len(shard_bytes(killed / "train")) == 40
+
+
+def test_interrupted_overwrite_never_counts_shards_of_the_old_settings(tmp_path, cli):
+    """Stats left by other settings do not mark a shard done, so a rerun rebuilds it."""
+    _demo(cli, tmp_path / "out", "--seed", "0")
+    # an --overwrite with new settings that stopped after its first shard
+    _demo(cli, tmp_path / "out", "--seed", "1", "--overwrite", "--num-nodes", "5")
+    out = _demo(cli, tmp_path / "out", "--seed", "1")
+    assert "wrote 95 samples in 4 shards (1 already complete)" in out
+    _demo(cli, tmp_path / "fresh", "--seed", "1")
+    assert shard_bytes(tmp_path / "out" / "train") == shard_bytes(tmp_path / "fresh" / "train")

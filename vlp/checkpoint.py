@@ -20,6 +20,8 @@ from typing import Any
 
 from safetensors.torch import save_file
 
+from vlp.config import ConfigError
+
 CHECKPOINT_DIR = "checkpoints"
 META_FILE = "meta.json"
 EXPORT_FILE = "model.safetensors"
@@ -91,7 +93,7 @@ def resolve(resume: str, run_dir: Path) -> Path | None:
         return found[-1] if found else None
     path = Path(resume)
     if not (path / META_FILE).is_file():
-        raise FileNotFoundError(f"resume={resume}: not a checkpoint directory (no {META_FILE})")
+        raise ConfigError(f"resume={resume}: not a checkpoint directory (no {META_FILE})")
     return path
 
 

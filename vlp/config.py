@@ -154,6 +154,17 @@ def _validate(cfg: Config) -> None:
         (cfg.data.mode in ("epoch", "resampled"), "data.mode", "epoch or resampled"),
         (cfg.train.precision in ("fp32", "bf16"), "train.precision", "fp32 or bf16"),
         (cfg.data.batch_size >= 1, "data.batch_size", "at least 1"),
+        (cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer", "at least 1"),
+        (
+            cfg.objectives.contrastive.max_logit_scale >= 1,
+            "objectives.contrastive.max_logit_scale",
+            "at least 1",
+        ),
+        (
+            0 <= cfg.objectives.caption.label_smoothing < 1,
+            "objectives.caption.label_smoothing",
+            "in [0, 1)",
+        ),
         (cfg.data.workers >= 0, "data.workers", "0 or more"),
         (cfg.train.steps >= 1, "train.steps", "at least 1"),
         (cfg.train.grad_accum >= 1, "train.grad_accum", "at least 1"),

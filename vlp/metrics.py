@@ -36,7 +36,7 @@ class MetricsLogger:
         if not self.path.exists():
             return
         lines = self.path.read_text().splitlines(keepends=True)
-        kept = [line for line in lines if json.loads(line)["step"] <= step]
+        kept = [line for line in lines if _step_of(line) <= step]
         if len(kept) != len(lines):
             self.path.write_text("".join(kept))
 
@@ -65,6 +65,14 @@ class MetricsLogger:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _step_of(line: str) -> float:
+    """A record's step; a line cut short by a kill counts as after any checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError):
+        return float("inf")
 
 
 def _summary(values: dict[str, Any]) -> str:

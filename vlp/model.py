@@ -8,6 +8,7 @@ up to the batch's longest caption.
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from open_clip.transformer import text_global_pool
 from torch import Tensor, nn
+
+from vlp.config import ConfigError
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
 """vlp's own open_clip model configs; every JSON dropped here is available by name."""
@@ -152,7 +155,13 @@ def build_model(model_cfg: Any) -> tuple[VLPModel, Any, Any, Any]:
     register_model_configs(*model_cfg.config_dirs)
     name = model_cfg.name
     if name not in open_clip.list_models():
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(open_clip.list_models())}")
+        near = difflib.get_close_matches(name, open_clip.list_models(), n=3, cutoff=0.4)
+        hint = f"; did you mean {', '.join(near)}?" if near else ""
+        raise ConfigError(f"model.name: unknown model {name!r}{hint} (configs/models/*.json)")
+    pretrained = model_cfg.pretrained
+    if pretrained is not None and ("/" in pretrained or "." in pretrained):
+        if not Path(pretrained).is_file():
+            raise ConfigError(f"model.pretrained: {pretrained}: no such weights file")
     kwargs: dict[str, Any] = {}
     if model_cfg.hf_text_model is not None:
         kwargs["text_cfg"] = _hf_text_cfg(name, model_cfg.hf_text_model)
@@ -195,7 +204,7 @@ def init_decoder_projection(decoder: nn.Module) -> None:
 def _hf_text_cfg(name: str, path: str) -> dict[str, Any]:
     """The config's text tower replaced by a local Hugging Face model (offline)."""
     if not Path(path).is_dir():
-        raise ValueError(f"model.hf_text_model: {path} is not a local model folder")
+        raise ConfigError(f"model.hf_text_model: {path} is not a local model folder")
     config = json.loads(json.dumps(open_clip.get_model_config(name)))
     text_cfg = config["text_cfg"]
     text_cfg.update(

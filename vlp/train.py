@@ -14,6 +14,8 @@ if __name__ == "__main__" and not __package__:
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 from collections import Counter  # noqa: E402
@@ -88,20 +90,20 @@ class Trainer:
         path = checkpoint.resolve(self.cfg.resume, self.run_dir)
         if path is None:
             return None
-        meta = checkpoint.load(self.accelerator, path)
-        saved = meta["data"]["positions"]
-        if (
-            len(saved) != distributed.world_size()
-            or meta["data"]["workers"] != self.cfg.data.workers
-        ):
+        meta = json.loads((path / checkpoint.META_FILE).read_text())
+        saved_model = meta["config"]["model"]["name"]
+        if saved_model != self.cfg.model.name:
+            raise ConfigError(f"resume: {path} holds a {saved_model}, not {self.cfg.model.name}")
+        changed = [k for k, v in self._stream_identity().items() if meta["data"]["stream"][k] != v]
+        if changed:
             raise ConfigError(
-                f"{path} was saved by {len(saved)} processes x {meta['data']['workers']} data "
-                f"workers; resume with the same numbers for an exact continuation"
+                f"resume: {path} was trained on a different data stream ({', '.join(changed)} "
+                "changed), so it cannot continue exactly; restore them or use a new run.output_dir"
             )
+        checkpoint.load(self.accelerator, path)
         self.step = meta["step"]
-        self.positions = {
-            int(w): Position.from_dict(p) for w, p in saved[distributed.rank()].items()
-        }
+        saved = meta["data"]["positions"][distributed.rank()]
+        self.positions = {int(w): Position.from_dict(p) for w, p in saved.items()}
         meta["path"] = str(path)
         return meta
 
@@ -114,6 +116,22 @@ class Trainer:
         self.logger = MetricsLogger(self.run_dir, acc, self.cfg.train.steps, self.step)
         where = f"resumed from {resumed['path']} at step {self.step}" if resumed else "started"
         self.logger.message(f"{PROG}: {where}; run directory {self.run_dir}")
+
+    def _stream_identity(self) -> dict[str, Any]:
+        """Everything the batch stream depends on; a resume must find it unchanged."""
+        data = self.cfg.data
+        return {
+            "train_shards": data.train_shards,
+            "sources": [asdict(source) for source in data.sources],
+            "mode": data.mode,
+            "seed": self.cfg.train.seed,
+            "shuffle_buffer": data.shuffle_buffer,
+            "batch_size": data.batch_size,
+            "grad_accum": self.cfg.train.grad_accum,
+            "workers": max(1, data.workers),
+            "processes": distributed.world_size(),
+            "keys": [data.image_key, data.text_key, data.caption, data.decoder_caption],
+        }
 
     @property
     def global_batch(self) -> int:
@@ -128,9 +146,7 @@ class Trainer:
             window_steps, wait = window_steps + 1, wait + step_wait
             if is_time(self.step, cfg.train.log_every_steps, cfg.train.steps):
                 elapsed = time.perf_counter() - window_start
-                logs["samples_per_s"] = window_steps * self.global_batch / elapsed
-                logs["data_wait"] = wait / elapsed
-                self.logger.log(self.step, {**logs, **self._skipped_logs()})
+                self.logger.log(self.step, self._log_record(logs, window_steps, elapsed, wait))
                 window_start, window_steps, wait = time.perf_counter(), 0, 0.0
             if is_time(self.step, cfg.checkpoint.every_steps, cfg.train.steps):
                 self.save()
@@ -141,44 +157,48 @@ class Trainer:
             f"metrics in {self.run_dir / 'metrics.jsonl'}"
         )
 
-    def train_step(self, batches) -> tuple[dict[str, float], float]:
-        """One optimizer step over `grad_accum` micro-batches; returns (logs, seconds waiting)."""
-        accum, acc = self.cfg.train.grad_accum, self.accelerator
+    def train_step(self, batches) -> tuple[dict[str, Any], float]:
+        """One optimizer step over `grad_accum` micro-batches; returns (logs, seconds waiting).
+
+        Logged values stay tensors (no device sync) until a log step reads them.
+        """
+        train_cfg, acc = self.cfg.train, self.accelerator
         lr = lr_at(
-            self.step,
-            self.cfg.train.lr,
-            self.cfg.train.warmup_steps,
-            self.cfg.train.steps,
-            self.cfg.train.min_lr,
+            self.step, train_cfg.lr, train_cfg.warmup_steps, train_cfg.steps, train_cfg.min_lr
         )
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        totals: Counter = Counter()
+        totals: dict[str, Any] = {}
         wait = 0.0
-        for micro in range(accum):
+        for micro in range(train_cfg.grad_accum):
             started = time.perf_counter()
             batch: Batch = next(batches)
             wait += time.perf_counter() - started
             self.positions[batch.worker] = batch.position
-            sync = micro == accum - 1  # all-reduce gradients only on the last micro-batch
+            sync = micro == train_cfg.grad_accum - 1  # all-reduce gradients on the last only
             with contextlib.nullcontext() if sync else acc.no_sync(self.model):
                 loss, logs = self._loss(batch)
-                acc.backward(loss / accum)
-            totals.update({k: v.item() / accum for k, v in logs.items()})
-        if self.cfg.train.grad_clip > 0:
-            norm = acc.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
-            totals["grad_norm"] = float(norm)
+                acc.backward(loss / train_cfg.grad_accum)
+            for name, value in logs.items():
+                totals[name] = totals.get(name, 0.0) + value / train_cfg.grad_accum
+        if train_cfg.grad_clip > 0:
+            totals["grad_norm"] = acc.clip_grad_norm_(self.model.parameters(), train_cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.objective.after_optimizer_step(acc.unwrap_model(self.model).clip)
+        clip = acc.unwrap_model(self.model).clip
+        self.objective.after_optimizer_step(clip)
         totals["lr"] = lr
-        totals["logit_scale"] = acc.unwrap_model(self.model).logit_scale.exp().item()
-        return dict(totals), wait
+        totals["logit_scale"] = clip.logit_scale.detach().exp()
+        return totals, wait
 
     def _loss(self, batch: Batch):
         device = self.accelerator.device
-        decoder_text = None if batch.decoder_text is None else batch.decoder_text.to(device)
-        out = self.model(batch.images.to(device), batch.text.to(device), decoder_text)
+        decoder = batch.decoder_text
+        out = self.model(
+            batch.images.to(device, non_blocking=True),
+            batch.text.to(device, non_blocking=True),
+            None if decoder is None else decoder.to(device, non_blocking=True),
+        )
         loss, logs = self.objective(out, batch)
         if not torch.isfinite(loss):
             terms = ", ".join(f"{k} {v.item():.4g}" for k, v in logs.items())
@@ -192,8 +212,18 @@ class Trainer:
             total.update(position.bad)
         return total
 
-    def _skipped_logs(self) -> dict[str, int]:
-        return {f"data/skipped/{reason}": n for reason, n in self._skipped().items()}
+    def _log_record(self, logs: dict[str, Any], steps: int, elapsed: float, wait: float):
+        """Values averaged over processes and skipped samples summed (collective; log steps)."""
+        local = {name: float(value) for name, value in logs.items()}
+        local["data_wait"] = wait / elapsed
+        everyone = distributed.all_gather_objects((local, dict(self._skipped())))
+        record = {name: sum(v[name] for v, _ in everyone) / len(everyone) for name in local}
+        record["samples_per_s"] = steps * self.global_batch / elapsed
+        skipped: Counter = Counter()
+        for _, counts in everyone:
+            skipped.update(counts)
+        record.update({f"data/skipped/{reason}": n for reason, n in sorted(skipped.items())})
+        return record
 
     def save(self) -> None:
         all_positions = distributed.all_gather_objects(
@@ -207,7 +237,7 @@ class Trainer:
             "step": self.step,
             "samples_seen": self.step * self.global_batch,
             "config": to_dict(self.cfg),
-            "data": {"positions": all_positions, "workers": self.cfg.data.workers},
+            "data": {"positions": all_positions, "stream": self._stream_identity()},
             "skipped": dict(skipped),
         }
         path = checkpoint.save(
@@ -233,13 +263,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def ensure_demo_shards(cfg: Config) -> None:
-    """The default run trains on the demo shards; build them if they are missing."""
-    missing = [url for url in expand_shards(cfg.data.train_shards) if not Path(url).exists()]
-    if missing and distributed.rank() == 0:
-        out = Path(missing[0]).parents[1]
-        print(f"{PROG}: building the demo shards in {out}", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "data_tools", "demo", str(out)], check=True)
+def ensure_demo_shards(cfg: Config, wait_seconds: float = 3600) -> None:
+    """The default run trains on the demo shards: the first process builds them if missing.
+
+    Runs before the process group exists, so ranks come from the launcher's environment; the
+    other processes wait for the builder's sizes.json (written last, when every shard is done).
+    """
+    urls = expand_shards(cfg.data.train_shards)
+    train_dir = Path(urls[0]).parent
+    if (train_dir / "sizes.json").exists() and all(Path(u).exists() for u in urls):
+        return
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{PROG}: building the demo shards in {train_dir.parent}", file=sys.stderr)
+        command = [sys.executable, "-m", "data_tools", "demo", str(train_dir.parent)]
+        if subprocess.run(command).returncode != 0:
+            raise DataError(f"building the demo shards failed: {' '.join(command)}")
+        return
+    deadline = time.monotonic() + wait_seconds
+    while not (train_dir / "sizes.json").exists():
+        if time.monotonic() > deadline:
+            raise DataError(f"gave up waiting for the demo shards in {train_dir}")
+        time.sleep(1)
 
 
 def main(argv: list[str] | None = None) -> int:

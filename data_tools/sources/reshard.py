@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tarfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -19,9 +18,7 @@ from data_tools.errors import UsageError
 from data_tools.sample import BadSample, RawSample, Reason
 from data_tools.sources import Source
 from vlp.data import format as fmt
-
-END_OF_ARCHIVE = 1024
-"""A complete tar ends with two 512-byte zero blocks after its last member."""
+from vlp.data.shards import index_tar
 
 
 class _Item(NamedTuple):
@@ -31,46 +28,13 @@ class _Item(NamedTuple):
     problem: BadSample | None = None
 
 
-def split_name(name: str) -> tuple[str, str]:
-    """webdataset's rule: the key is everything before the first dot of the file name."""
-    directory, _, base = name.rpartition("/")
-    stem, _, extension = base.partition(".")
-    return (f"{directory}/{stem}" if directory else stem), extension.lower()
-
-
-def index_tar(path: Path, shard: int) -> list[_Item]:
-    """Group consecutive members by key, as webdataset does; flag truncation."""
-    if not path.is_file():
-        return [_Item(shard, "", {}, BadSample(Reason.MISSING_FILE, f"{path}: no such shard"))]
-    items: list[_Item] = []
-    size, end = path.stat().st_size, 0
-    truncated = None
-    try:
-        with tarfile.open(path, "r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                end = member.offset_data + member.size
-                if end > size:
-                    truncated = f"{path}: member {member.name} is cut short"
-                    break
-                key, extension = split_name(member.name)
-                if not items or items[-1].key != key:
-                    items.append(_Item(shard, key, {}))
-                items[-1].members[extension] = (member.offset_data, member.size)
-    except (tarfile.ReadError, EOFError) as err:
-        truncated = f"{path}: {err}"
-    if truncated is None and size - _round_up(end) < END_OF_ARCHIVE:
-        truncated = f"{path}: ends without the end-of-archive marker"
-    if truncated is not None:
-        # the sample at the cut may be missing members: drop it, and count the tar once
-        items = items[:-1]
-        items.append(_Item(shard, "", {}, BadSample(Reason.TRUNCATED_TAR, truncated)))
+def index_items(path: Path, shard: int) -> list[_Item]:
+    """The shard's samples, then one bad item if the tar is missing or truncated."""
+    index = index_tar(path)
+    items = [_Item(shard, key, members) for key, members in index.samples]
+    if index.problem is not None:
+        items.append(_Item(shard, "", {}, BadSample(index.problem, index.detail)))
     return items
-
-
-def _round_up(offset: int) -> int:
-    return -(-offset // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
 
 
 class ReshardSource(Source):
@@ -86,7 +50,7 @@ class ReshardSource(Source):
         self.paths = [Path(u.removeprefix("file://")) for u in urls]
         if not any(p.is_file() for p in self.paths):
             raise UsageError(f"{pattern}: no such shard files")
-        self.items = [item for i, p in enumerate(self.paths) for item in index_tar(p, i)]
+        self.items = [item for i, p in enumerate(self.paths) for item in index_items(p, i)]
         self._open: tuple[int, int, Any] | None = None
 
     def __len__(self) -> int:

@@ -150,3 +150,16 @@ def test_report_needs_something_to_report(fails, tmp_path):
     (tmp_path / "run").mkdir()
     err = fails("report", tmp_path / "run")
     assert "metrics.jsonl: missing, and no --dataset given" in err
+
+
+def test_a_shorter_shard_than_sizes_json_records(inputs, fails, tmp_path):
+    run_dir, eval_dir = inputs
+    shapes = copy_set(eval_dir / "shapes", tmp_path / "shapes")
+    shard = shapes / "test" / "0.tar"
+    with tarfile.open(eval_dir / "shapes" / "test" / "0.tar") as source:
+        members = [(m, source.extractfile(m).read()) for m in source][:20]  # 10 samples
+    with tarfile.open(shard, "w") as target:
+        for member, data in members:
+            target.addfile(member, io.BytesIO(data))
+    err = fails("--checkpoint", run_dir, "--dataset", shapes, "--workers", 0)
+    assert "read 10 samples but sizes.json says 40" in err

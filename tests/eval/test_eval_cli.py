@@ -12,7 +12,7 @@ import torch
 from evalkit import REPO, demo_eval_sets, tiny_run, write_checkpoint
 
 from eval.checkpoints import complete_checkpoints, latest_checkpoint, resolve_checkpoint
-from eval.cli import main
+from eval.cli import build_parser, main
 from eval.models import EvalModel, load_model
 
 
@@ -115,3 +115,22 @@ def test_acc5_nan_is_written_as_clip_benchmark_writes_it(tmp_path, capsys):
     assert code == 0, err
     assert '"acc5": NaN' in output.read_text()
     assert math.isnan(json.loads(output.read_text())["metrics"]["acc5"])
+
+
+def test_a_coca_checkpoint_evaluates_too(inputs, capsys, tmp_path):
+    _, eval_dir = inputs
+    directory = write_checkpoint(tmp_path / "step_000000002", "vlp-tiny-coca", 2)
+    code, out, err = run(capsys, "--checkpoint", directory, "--dataset", eval_dir / "shapes",
+                         eval_dir / "retrieval", "--workers", 0)  # fmt: skip
+    assert code == 0, err
+    assert "vlp-tiny-coca" in out and "| text_retrieval_recall@10 |" in out
+
+
+def test_cli_choices_follow_the_registries():
+    from eval.cli import TASK_CHOICES
+    from eval.retrieval import METHODS
+    from eval.tasks import AUTO, TASKS
+
+    assert set(TASK_CHOICES) == {AUTO, *TASKS}
+    retrieval_action = next(a for a in build_parser()._actions if a.dest == "retrieval_method")
+    assert tuple(retrieval_action.choices) == METHODS

@@ -12,12 +12,15 @@ resume re-reads at most one pool.
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import io
 import json
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any
 
 import numpy as np
@@ -77,6 +80,14 @@ class Batch:
     """Logical worker that produced this batch."""
     position: Position
     """That worker's position after this batch."""
+
+    def pin_memory(self) -> Batch:
+        """Called by the DataLoader's pinning thread (pin_memory=True) for fast copies to GPU."""
+        self.images = self.images.pin_memory()
+        self.text = self.text.pin_memory()
+        if self.decoder_text is not None:
+            self.decoder_text = self.decoder_text.pin_memory()
+        return self
 
 
 class BadSample(Exception):
@@ -211,16 +222,36 @@ def pooled_items(spec: StreamSpec, source: int, worker: int, start: Cursor):
         skip = 0
 
 
+MASK64 = (1 << 64) - 1
+
+
+def mix(*values: int) -> int:
+    """A well-spread 63-bit integer from integers (splitmix64 rounds): a cheap per-sample seed."""
+    state = 0x9E3779B97F4A7C15
+    for value in values:
+        state = ((state ^ (value & MASK64)) * 0xBF58476D1CE4E5B9) & MASK64
+        state = ((state ^ (state >> 31)) * 0x94D049BB133111EB) & MASK64
+        state ^= state >> 29
+    return state >> 1
+
+
 def _choose_source(spec: StreamSpec, worker: int, drawn: int) -> int:
-    """The source of draw number `drawn`: seeded by the counter, so a resume repeats it."""
+    """The source of draw number `drawn`: a function of the counter, so a resume repeats it."""
     if len(spec.weights) == 1:
         return 0
-    rng = np.random.default_rng([spec.seed, spec.slot(worker), drawn])
-    return int(rng.choice(len(spec.weights), p=np.asarray(spec.weights) / sum(spec.weights)))
+    point = mix(spec.seed, spec.slot(worker), drawn, 1) / 2**63 * sum(spec.weights)
+    return min(bisect.bisect_right(list(accumulate(spec.weights)), point), len(spec.weights) - 1)
 
 
-def worker_batches(spec: StreamSpec, decode: SampleDecoder, worker: int, start: Position):
-    """Batches of `spec.batch_size` good samples for one logical worker, forever."""
+def worker_batches(
+    spec: StreamSpec, decode: SampleDecoder, worker: int, start: Position, own_rng: bool = True
+):
+    """Batches of `spec.batch_size` good samples for one logical worker, forever.
+
+    Augmentations draw from torch's global generator, reseeded per sample from the sample's
+    position so they repeat after a resume. `own_rng=False` (reading in the training process)
+    restores the generator around each sample, leaving the trainer's random stream untouched.
+    """
     streams = [pooled_items(spec, s, worker, c) for s, c in enumerate(start.cursors)]
     cursors, drawn, bad = list(start.cursors), start.drawn, Counter(start.bad)
     items, good, skipped, seen_keys = [], 0, 0, set()
@@ -231,11 +262,10 @@ def worker_batches(spec: StreamSpec, decode: SampleDecoder, worker: int, start: 
             bad[sample.value] += 1
             continue
         drawn += 1
-        # augmentations are seeded by position, so they repeat exactly after a resume
-        seed = np.random.SeedSequence([spec.seed, spec.slot(worker), drawn])
-        torch.manual_seed(int(seed.generate_state(1)[0]))
         try:
-            items.append((*decode(sample), sample["__key__"]))
+            with contextlib.nullcontext() if own_rng else torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(mix(spec.seed, spec.slot(worker), drawn))
+                items.append((*decode(sample), sample["__key__"]))
             good += 1
         except BadSample as bad_sample:
             bad[bad_sample.reason.value] += 1
@@ -292,7 +322,7 @@ class TrainStream(IterableDataset):
         physical = info.id if info is not None else 0
         worker = (physical + self.consumed) % self.spec.num_workers
         start = self.positions.get(worker, Position.start(len(self.spec.sources)))
-        yield from worker_batches(self.spec, self.decode, worker, start)
+        yield from worker_batches(self.spec, self.decode, worker, start, own_rng=info is not None)
 
 
 def build_loader(
