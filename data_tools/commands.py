@@ -91,8 +91,10 @@ def _counts(errors) -> str:
 
 def run_verify(args: argparse.Namespace) -> int:
     result = verify(args.pattern, workers=args.workers, max_pixels=args.max_pixels)
+    duplicates = result.errors.get("duplicate_key", 0)
     print(
         f"verified {result.samples} items: {result.good} good, {result.samples - result.good} bad"
+        + (f"; {duplicates} duplicate keys" if duplicates else "")
     )
     for reason, count in sorted(result.errors.items()):
         print(f"  {reason:<20} {count}")
@@ -166,6 +168,8 @@ def run_fashion_mnist(args: argparse.Namespace) -> int:
     from data_tools.sources import fashion_mnist as fm
 
     image = image_options(args, size=64)
+    if args.num_samples is not None and args.num_samples < 1:
+        raise UsageError(f"--num-samples {args.num_samples} must be at least 1")
     train = fm.FashionMnistSource(args.idx_dir, "train", args.mosaic, args.num_samples, args.seed)
     write_train(train, args.out, args, image)
     test = fm.FashionMnistSource(args.idx_dir, "test")
@@ -183,6 +187,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
     image = image_options(args, size=64, mode="none")
     opts = write_options(args)
+    if args.num_samples < 1 or args.eval_samples < 1:
+        raise UsageError("--num-samples and --eval-samples must be at least 1")
     write_train(demo.DemoSource(args.num_samples, image.size, args.seed), args.out, args, image)
     shapes = demo.ShapesEvalSource(args.eval_samples, image.size, args.seed)
     summary = write_classification_set(

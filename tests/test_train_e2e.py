@@ -119,3 +119,36 @@ def test_exported_weights_load_in_open_clip_with_identical_embeddings(shards, tm
         out = ours(images, text[:, None])
         torch.testing.assert_close(exported.encode_image(images), out.image_emb, rtol=0, atol=0)
         torch.testing.assert_close(exported.encode_text(text), out.text_emb, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.name=vlp-tiny-clipp", "did you mean vlp-tiny-clip"),
+        ("resume=/nonexistent/step_1", "not a checkpoint directory"),
+        ("model.pretrained=/nonexistent/w.safetensors", "no such weights file"),
+        ("data.shuffle_buffer=0", "data.shuffle_buffer: must be at least 1"),
+        ("objectives.caption.weight=2", "has no text decoder"),
+    ],
+)
+def test_train_user_mistakes_are_one_line_exit_2(tmp_path, override, message):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "vlp/train.py",
+            "--config",
+            "configs/demo.yaml",
+            "data.train_shards=x.tar",
+            "model.name=vlp-tiny-clip",
+            "objectives.caption.weight=0",
+            f"run.output_dir={tmp_path}",
+            override,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr[-1500:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("vlp-train: error")]
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr

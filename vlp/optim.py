@@ -13,7 +13,8 @@ def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_lr
     """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine to min_lr.
 
     Step s < warmup_steps uses base_lr * (s + 1) / warmup_steps, so the first step already trains
-    and the last warmup step uses exactly base_lr; the cosine ends at min_lr on the last step.
+    and the last warmup step uses exactly base_lr; the cosine then reaches min_lr on the last
+    step (when there are steps left after the warmup).
     """
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
