@@ -21,12 +21,15 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) ## create .venv and install vlp with its dev tools (idempotent)
 
-demo: $(STAMP) ## build the demo shards, then train the demo CoCa (configs/demo.yaml)
+demo: $(STAMP) ## build the demo shards, train the demo CoCa, evaluate it, write runs/demo/report.md
 	$(PY) -m data_tools demo $(DEMO_DIR) --workers $(WORKERS)
 	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no \
 		--dynamo_backend no vlp/train.py
+	$(PY) -m eval --checkpoint runs/demo --dataset $(DEMO_DIR)/eval/shapes \
+		$(DEMO_DIR)/eval/retrieval --output runs/demo/eval
+	$(PY) -m eval report runs/demo --dataset $(DEMO_DIR)/eval/shapes $(DEMO_DIR)/eval/retrieval
 	@echo "demo shards: $(DEMO_DIR)/train  eval sets: $(DEMO_DIR)/eval/{shapes,retrieval}"
-	@echo "demo run:    runs/demo (config.yaml, metrics.jsonl, checkpoints/, tensorboard)"
+	@echo "demo run:    runs/demo (config.yaml, metrics.jsonl, checkpoints/, eval/, report.md)"
 
 test: $(STAMP) ## run the test suite (CPU only, a few minutes)
 	$(PY) -m pytest -q
