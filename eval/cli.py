@@ -144,6 +144,10 @@ def run_eval(args: argparse.Namespace) -> int:
     print(markdown_tables(results), end="")
     for path in paths:
         print(f"wrote {path}", file=sys.stderr)
+    for result in results:
+        if result.details.get("retrieval_method") == "faiss-ivf":
+            note = "recall@k from faiss's approximate IVF index (exact: --retrieval-method exact)"
+            print(f"{PROG}: note: {result.dataset}: {note}", file=sys.stderr)
     return 0
 
 

@@ -12,6 +12,7 @@ imports no torch, so a mistyped path fails at once.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,8 @@ class EvalSet:
     shards: tuple[Path, ...]
     classnames: tuple[str, ...] = ()
     templates: tuple[str, ...] = ()
+    expected_samples: int | None = None
+    """The sample count sizes.json records (vlp-shard writes one), to catch truncated shards."""
 
     @property
     def name(self) -> str:
@@ -44,8 +47,9 @@ def open_eval_set(root: Path, split: str = fmt.EVAL_SPLIT) -> EvalSet:
         raise UsageError(f"{root}: no such dataset directory")
     shards = _shards(root / split)
     kind = _dataset_type(root)
+    expected = _expected_samples(root / split, shards)
     if kind == "retrieval":
-        return EvalSet(root, kind, shards)
+        return EvalSet(root, kind, shards, expected_samples=expected)
     classnames = _lines(root / fmt.CLASSNAMES_FILE, "one class name per line, in label order")
     templates = _lines(root / fmt.TEMPLATES_FILE, "one prompt per line, e.g. 'a photo of a {c}.'")
     for template in templates:
@@ -54,7 +58,7 @@ def open_eval_set(root: Path, split: str = fmt.EVAL_SPLIT) -> EvalSet:
                 f"{root / fmt.TEMPLATES_FILE}: template {template!r} has no "
                 f"{fmt.CLASS_PLACEHOLDER} placeholder"
             )
-    return EvalSet(root, kind, shards, tuple(classnames), tuple(templates))
+    return EvalSet(root, kind, shards, tuple(classnames), tuple(templates), expected)
 
 
 def _shards(split_dir: Path) -> tuple[Path, ...]:
@@ -74,6 +78,18 @@ def _shards(split_dir: Path) -> tuple[Path, ...]:
     if missing:
         raise UsageError(f"{missing[0]}: missing ({len(missing)} of {len(shards)} shards absent)")
     return shards
+
+
+def _expected_samples(split_dir: Path, shards: tuple[Path, ...]) -> int | None:
+    path = split_dir / fmt.SIZES_FILE
+    if not path.is_file():
+        return None
+    try:
+        sizes = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UsageError(f"{path}: not valid JSON ({err})") from err
+    counts = [sizes.get(shard.name) for shard in shards] if isinstance(sizes, dict) else [None]
+    return sum(counts) if all(isinstance(c, int) for c in counts) else None
 
 
 def _dataset_type(root: Path) -> str:

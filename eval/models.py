@@ -35,7 +35,8 @@ class EvalModel:
     """A CLIP-like `module` (encode_image / encode_text) ready for inference on `device`.
 
     Build one with `load_model` from a checkpoint, or directly from a model in memory (the
-    training loop does: `EvalModel(model, preprocess_val, tokenizer, name, device=...)`).
+    training loop does: `EvalModel(model, preprocess_val, tokenizer, name, device=...)`, with
+    the model in eval mode while it evaluates).
     """
 
     module: torch.nn.Module

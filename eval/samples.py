@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -50,8 +51,14 @@ def read_batches(
             raise UsageError(batch.message)
         count += len(batch.keys)
         yield batch
+    split = dataset.root / fmt.EVAL_SPLIT
     if count == 0:
-        raise UsageError(f"{dataset.root / fmt.EVAL_SPLIT}: empty split (no samples in the shards)")
+        raise UsageError(f"{split}: empty split (no samples in the shards)")
+    if dataset.expected_samples is not None and count != dataset.expected_samples:
+        raise UsageError(
+            f"{split}: read {count} samples but {fmt.SIZES_FILE} says {dataset.expected_samples};"
+            " a shard is truncated or was replaced (check with `vlp-shard verify`)"
+        )
 
 
 def read_images(dataset: EvalSet, keys: set[str]) -> dict[str, Image.Image]:
@@ -90,7 +97,7 @@ class _Samples(torch.utils.data.IterableDataset):
                 if position % num_workers == worker:
                     yield _decode(self.dataset, position, sample, self.preprocess)
                 position += 1
-        except (OSError, EOFError, ValueError) as err:  # tarfile.ReadError is an OSError
+        except (tarfile.TarError, OSError, EOFError, ValueError) as err:
             yield _Failure(f"{self.dataset.root}: unreadable shard ({err})")
         except UsageError as err:
             # raised here, a worker's error would reach the user wrapped in its traceback

@@ -22,7 +22,13 @@ from eval.report.figures import (
     plot_retrieval_examples,
 )
 from eval.results import EvalResult, markdown_tables, write_result
-from eval.retrieval import exact_ranks, retrieval_result, run_zeroshot_retrieval, top_matches
+from eval.retrieval import (
+    RetrievalOutputs,
+    exact_ranks,
+    retrieval_result,
+    run_zeroshot_retrieval,
+    top_matches,
+)
 from eval.samples import read_images
 from eval.zero_shot import classification_result, run_zeroshot_classification
 
@@ -140,7 +146,9 @@ def _retrieval_section(
     return result, "\n\n".join(lines)
 
 
-def _retrieval_examples(dataset: EvalSet, outputs, count: int, seed: int) -> list[RetrievalExample]:
+def _retrieval_examples(
+    dataset: EvalSet, outputs: RetrievalOutputs, count: int, seed: int
+) -> list[RetrievalExample]:
     """`count` captions (seeded choice): each with its top images and its own image's rank."""
     if count <= 0 or not outputs.captions:
         return []
