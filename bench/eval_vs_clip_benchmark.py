@@ -117,7 +117,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--eval-samples", type=int, default=1000, help="per eval set (1000)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (3)")
-    parser.add_argument("--batch-size", type=int, default=64, help="both tools (64)")
+    parser.add_argument("--batch-size", type=int, default=256, help="both tools (256)")
     parser.add_argument("--workers", type=int, default=1, help="vlp-eval's decode workers (1)")
     parser.add_argument(
         "--checkpoint",

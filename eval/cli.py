@@ -82,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch-size", type=int, default=64, metavar="N", help="(default 64)")
+    parser.add_argument(
+        "--batch-size", type=int, default=256, metavar="N", help="images per batch (default 256)"
+    )
     parser.add_argument(
         "--workers", type=int, default=1, metavar="N", help="image decoding processes (default 1)"
     )

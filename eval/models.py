@@ -63,14 +63,23 @@ class EvalModel:
         to it (causal mask, EOT pooling), trailing padding is cut off first: the same
         embeddings for a fraction of the work on short captions.
         """
-        prefix_encoder = _TEXT_PREFIX_ENCODERS.get(type(self.module))
         with self._inference():
-            if prefix_encoder is not None and _can_trim(self.module):
+            if self._trims_text():
                 length = int(prefix_lengths(tokens).max())
-                features = prefix_encoder(self.module, tokens[:, :length].to(self.device))
+                encode = _TEXT_PREFIX_ENCODERS[type(self.module)]
+                features = encode(self.module, tokens[:, :length].to(self.device))
             else:
                 features = self.module.encode_text(tokens.to(self.device))
         return F.normalize(features.float(), dim=-1).cpu()
+
+    def text_lengths(self, tokens: Tensor) -> Tensor:
+        """(B,) how many tokens of each row the text tower processes."""
+        if self._trims_text():
+            return prefix_lengths(tokens)
+        return torch.full((tokens.shape[0],), tokens.shape[1])
+
+    def _trims_text(self) -> bool:
+        return type(self.module) in _TEXT_PREFIX_ENCODERS and _can_trim(self.module)
 
     @contextlib.contextmanager
     def _inference(self) -> Iterator[None]:

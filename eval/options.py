@@ -9,7 +9,8 @@ RECALL_KS = (1, 5, 10)
 
 @dataclass(frozen=True)
 class EvalOptions:
-    batch_size: int = 64
+    batch_size: int = 256
+    """Images per forward pass (texts are batched by token count, eval.encode)."""
     workers: int = 1
     """DataLoader processes decoding images; 0 decodes in the main process."""
     recall_ks: tuple[int, ...] = RECALL_KS

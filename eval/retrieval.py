@@ -197,7 +197,7 @@ def run_zeroshot_retrieval(
     images = encode_images(model, dataset, options.batch_size, options.workers)
     captions = [caption for image_captions in images.targets for caption in image_captions]
     owners = [i for i, image_captions in enumerate(images.targets) for _ in image_captions]
-    texts = encode_texts(model, captions, options.batch_size)
+    texts = encode_texts(model, captions)
     return RetrievalOutputs(images, captions, texts, torch.tensor(owners, dtype=torch.long))
 
 

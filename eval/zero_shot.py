@@ -33,11 +33,11 @@ def class_weights(template_embeddings: Tensor) -> Tensor:
 
 
 def zero_shot_classifier(
-    model: EvalModel, classnames: Sequence[str], templates: Sequence[str], batch_size: int
+    model: EvalModel, classnames: Sequence[str], templates: Sequence[str]
 ) -> Tensor:
     """(C, D) class embeddings from every template filled with every class name."""
     prompts = [t.replace(CLASS_PLACEHOLDER, name) for name in classnames for t in templates]
-    embeddings = encode_texts(model, prompts, batch_size)  # (C * T, D)
+    embeddings = encode_texts(model, prompts)  # (C * T, D)
     return class_weights(embeddings.view(len(classnames), len(templates), -1))
 
 
@@ -91,7 +91,7 @@ def run_zeroshot_classification(
     model: EvalModel, dataset: EvalSet, options: EvalOptions
 ) -> ClassificationOutputs:
     images = encode_images(model, dataset, options.batch_size, options.workers)
-    weights = zero_shot_classifier(model, dataset.classnames, dataset.templates, options.batch_size)
+    weights = zero_shot_classifier(model, dataset.classnames, dataset.templates)
     labels = torch.tensor(images.targets, dtype=torch.long)
     scores = classification_metrics(LOGIT_SCALE * images.embeddings @ weights.T, labels)
     return ClassificationOutputs(images, weights, labels, scores)
