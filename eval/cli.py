@@ -74,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--output",
         metavar="FILE",
-        help="JSON result file; with several results a directory or a template using "
-        "{dataset} {task} {model} {pretrained} {language}",
+        help="JSON result file (x.json); a directory (a path without a suffix) for one "
+        "{dataset}_{task}.json per result; or a template using {dataset} {task} {model} "
+        "{pretrained} {language}",
     )
     _add_run_options(parser)
     return parser

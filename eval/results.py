@@ -51,13 +51,17 @@ def output_paths(
     """Where each result goes: a template, a directory, or one file for a single result.
 
     A template uses clip_benchmark's placeholders ({dataset}, {task}, {model}, {pretrained},
-    {language}); an existing directory or a path ending in "/" gets `{dataset}_{task}.json`
-    files. `planned` lists the (dataset, task) of each result, so a bad --output fails before
-    any work; several results for one plain file name is a usage error.
+    {language}); a directory (an existing one, a path ending in "/", or one without a file
+    suffix such as `runs/demo/eval`) gets `{dataset}_{task}.json` files. `planned` lists the
+    (dataset, task) of each result, so a bad --output fails before any work; several results
+    for one file is a usage error.
     """
-    if output.endswith("/") or Path(output).is_dir():
-        output = str(Path(output) / "{dataset}_{task}.json")
-    if len(planned) > 1 and "{" not in output:
+    is_template = "{" in output
+    if not is_template and (
+        output.endswith("/") or not Path(output).suffix or Path(output).is_dir()
+    ):
+        output, is_template = str(Path(output) / "{dataset}_{task}.json"), True
+    if len(planned) > 1 and not is_template:
         raise UsageError(
             f"--output {output}: {len(planned)} results need one file each; use a directory "
             "or a template such as 'results/{dataset}_{task}.json'"

@@ -149,6 +149,9 @@ def test_output_paths_templates_directories_and_single_files(tmp_path):
         "m_w.safetensors_shapes_zeroshot_classification.json"
     )
     assert output_paths(f"{tmp_path}/one.json", planned[:1], "m", "w") == [tmp_path / "one.json"]
+    # a path without a file suffix is a directory, existing or not (make demo's runs/demo/eval)
+    in_directory = output_paths(str(tmp_path / "runs" / "eval"), planned, "m", "w")
+    assert in_directory[0] == tmp_path / "runs" / "eval" / "shapes_zeroshot_classification.json"
 
 
 def test_markdown_tables_one_per_task():
