@@ -833,8 +833,9 @@ class StepFixture:
         objectives = ObjectivesConfig()
         objectives.caption.weight = 2.0 if self.coca else 0.0
         self.objective = WeightedObjective(objectives)
-        self.vlp_optimizer = build_optimizer(self.vlp, TrainConfig())
-        self.fused_optimizer = build_optimizer(self.vlp, TrainConfig(), fused=True)
+        self.vlp_optimizer = build_optimizer(self.vlp, TrainConfig())  # fused
+        # AdamW with torch's default for-each kernel, as open_clip's trainer builds it
+        self.foreach_optimizer = open_clip_adamw(self.vlp)
         # open_clip's own model as its trainer builds it (output_dict=True), patched like the
         # peer runs: same decoder projection initialisation as vlp
         self.peer = open_clip.create_model(name, output_dict=True)
@@ -846,7 +847,7 @@ class StepFixture:
             if self.coca
             else open_clip.ClipLoss()
         )
-        self.peer_optimizer = build_optimizer(self.peer, TrainConfig())
+        self.peer_optimizer = open_clip_adamw(self.peer)
 
     def parts(self) -> dict[str, Callable[[], None]]:
         """fwd + bwd of each part, vlp's way and (prefixed open_clip_) open_clip's way."""
@@ -864,11 +865,8 @@ class StepFixture:
         parts: dict[str, Callable[[], None]] = {}
         if self.coca:
             parts["image_tower"] = lambda: backward(*clip._encode_image(images))
-            parts["text_tower"] = lambda: backward(*clip._encode_text(text))
-            # not exact for CoCa (its CLS token comes after the padding): what trimming would buy
-            parts["text_tower_trimmed_inexact"] = lambda: backward(
-                *clip._encode_text(text[:, : self.length])
-            )
+            parts["text_tower"] = lambda: backward(*self.vlp._encode_coca_text(text))
+            parts["open_clip_text_tower"] = lambda: backward(*clip._encode_text(text))
         else:
             parts["image_tower"] = lambda: backward(clip.encode_image(images, normalize=True))
             parts["text_tower"] = lambda: backward(self.vlp._encode_text(text))
@@ -880,48 +878,55 @@ class StepFixture:
             image_emb, text_emb, torch.tensor(14.3)
         ).backward()
         if self.coca:
-            decoder = clip.text_decoder
-            with torch.no_grad():
-                image_tokens = clip._encode_image(images)[1]
-                token_embs = clip._encode_text(text)[1]
-            width = token_embs.shape[-1]
-            for prefix, positions in (("", self.length - 1), ("open_clip_", text.shape[1] - 1)):
-                image_in = image_tokens.detach().requires_grad_()
-                text_in = token_embs[:, :positions].detach().requires_grad_()
-                parts[f"{prefix}decoder"] = lambda i=image_in, t=text_in: backward(
-                    _decoder_trunk(decoder, i, t)
-                )
-            hidden_trim = torch.randn(batch, self.length - 1, width, requires_grad=True)
-            hidden_full = torch.randn(batch, text.shape[1] - 1, width, requires_grad=True)
-            targets = text[:, 1 : self.length].masked_fill(text[:, 1 : self.length] == 0, -100)
-            labels = text[:, 1:]
-            projection = decoder.text_projection
-
-            def vocab(hidden=hidden_trim) -> None:  # vlp: CaptionObjective on trimmed logits
-                logits = hidden @ projection
-                summed = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
-                (summed / (targets != -100).sum()).backward()
-
-            def vocab_valid_only() -> None:  # only the positions that have a target
-                valid = targets != -100
-                logits = hidden_trim[valid] @ projection
-                F.cross_entropy(logits, targets[valid]).backward()
-
-            def vocab_open_clip() -> None:  # CoCaLoss: all 63 positions, [B, V, L] layout
-                logits = hidden_full @ projection
-                F.cross_entropy(logits.permute(0, 2, 1), labels, ignore_index=0).backward()
-
-            parts["vocab_projection_ce"] = vocab
-            parts["vocab_projection_ce_valid_tokens_only"] = vocab_valid_only
-            parts["open_clip_vocab_projection_ce"] = vocab_open_clip
+            parts.update(self._caption_parts(backward))
         grads = self._grads()
         parts["optimizer"] = lambda: self._optimizer_step(self.vlp, self.vlp_optimizer, grads)
-        # vlp asks for the fused AdamW only on CUDA; torch also has a fused CPU kernel
-        parts["optimizer_fused"] = lambda: self._optimizer_step(
-            self.vlp, self.fused_optimizer, grads
+        parts["open_clip_optimizer"] = lambda: self._optimizer_step(
+            self.vlp, self.foreach_optimizer, grads
         )
         parts[f"{VLP}_step"] = self.vlp_step
         parts[f"{PEER}_step"] = self.peer_step
+        return parts
+
+    def _caption_parts(self, backward: Callable[..., None]) -> dict[str, Callable[[], None]]:
+        """The decoder and the vocabulary projection + cross-entropy, vlp's and open_clip's way."""
+        import torch
+        import torch.nn.functional as F
+
+        from vlp.model import decoder_states
+
+        clip, text, length = self.clip, self.text, self.length
+        decoder = clip.text_decoder
+        with torch.no_grad():
+            image_tokens = clip._encode_image(self.images)[1]
+            token_embs = clip._encode_text(text)[1]
+        parts: dict[str, Callable[[], None]] = {}
+        for prefix, positions in (("", length - 1), ("open_clip_", text.shape[1] - 1)):
+            image_in = image_tokens.detach().requires_grad_()
+            text_in = token_embs[:, :positions].detach().requires_grad_()
+            parts[f"{prefix}decoder"] = lambda i=image_in, t=text_in: backward(
+                decoder_states(decoder, i, t)
+            )
+        width, projection = token_embs.shape[-1], decoder.text_projection
+        states_trim = torch.randn(len(text), length - 1, width, requires_grad=True)
+        states_full = torch.randn(len(text), text.shape[1] - 1, width, requires_grad=True)
+        targets = text[:, 1:length]
+        valid = targets != 0
+
+        def vocab() -> None:  # vlp: only the positions that have a target
+            F.cross_entropy(states_trim[valid] @ projection, targets[valid]).backward()
+
+        def vocab_all_decoded() -> None:  # every decoded position, padding ignored
+            logits = states_trim @ projection
+            F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=0).backward()
+
+        def vocab_open_clip() -> None:  # CoCaLoss: all context - 1 positions, [B, V, L] layout
+            logits = states_full @ projection
+            F.cross_entropy(logits.permute(0, 2, 1), text[:, 1:], ignore_index=0).backward()
+
+        parts["vocab_projection_ce"] = vocab
+        parts["vocab_projection_ce_all_decoded_positions"] = vocab_all_decoded
+        parts["open_clip_vocab_projection_ce"] = vocab_open_clip
         return parts
 
     def _grads(self) -> list[Any]:
@@ -995,14 +1000,23 @@ class StepFixture:
         return {"vlp_step_share": shares}
 
 
-def _decoder_trunk(decoder, image_tokens, text_embs):
-    """open_clip's MultimodalTransformer.forward without its final vocabulary projection."""
-    projection = decoder.text_projection
-    decoder._parameters["text_projection"] = None
-    try:
-        return decoder(image_tokens, text_embs)
-    finally:
-        decoder._parameters["text_projection"] = projection
+def open_clip_adamw(model: Any) -> Any:
+    """open_clip_train.main's optimizer: no decay on < 2-D, norm, bias and logit_scale
+    parameters; torch's default AdamW kernel (for-each)."""
+    import torch
+
+    from vlp.config import TrainConfig
+
+    cfg = TrainConfig()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    keys = ("bn", "ln", "bias", "logit_scale")
+    exclude = [p for n, p in named if p.ndim < 2 or any(k in n for k in keys)]
+    include = [p for n, p in named if not (p.ndim < 2 or any(k in n for k in keys))]
+    groups = [
+        {"params": exclude, "weight_decay": 0.0},
+        {"params": include, "weight_decay": cfg.weight_decay},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 
 # --- report ------------------------------------------------------------------------------

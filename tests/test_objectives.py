@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from vlp.config import ConfigError, load_config
-from vlp.model import IGNORE_INDEX, VLPModel, register_model_configs
+from vlp.model import VLPModel, register_model_configs
 from vlp.objectives.contrastive import clip_loss
 from vlp.optim import lr_at
 
@@ -53,15 +53,31 @@ def test_caption_loss_equals_cross_entropy_on_shifted_tokens_with_pad_ignored(ti
     images = torch.randn(3, 3, 32, 32)
     tokens = tokenizer(["a red circle", "a small blue star and a large green cross", "hi"])
     out = model(images, tokens[:, None])
-    ours = F.cross_entropy(out.caption_logits.flatten(0, 1), out.caption_targets.flatten())
+    ours = F.cross_entropy(out.caption_logits, out.caption_targets)
     reference = model.clip(images, tokens)  # open_clip's own forward: full context, no trimming
     expected = F.cross_entropy(
         reference["logits"].flatten(0, 1), tokens[:, 1:].flatten(), ignore_index=model.pad_id
     )
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
-    longest = int((tokens != 0).sum(1).max())
-    assert out.caption_logits.shape[1] == longest - 1  # decoded only up to the longest caption
-    assert (out.caption_targets == IGNORE_INDEX).sum() == (tokens[:, 1:longest] == 0).sum()
+    # projected only where a caption token is the target: never at padding
+    assert out.caption_logits.shape[0] == int((tokens[:, 1:] != 0).sum())
+    torch.testing.assert_close(out.caption_targets, tokens[:, 1:][tokens[:, 1:] != 0])
+
+
+def test_coca_text_tower_skips_padding_exactly(tiny_coca):
+    """The trimmed CoCa text tower gives open_clip's full-context outputs (embeddings and the
+    token states the decoder reads), for a batch whose longest caption fills the context too."""
+    model, tokenizer = tiny_coca
+    context = tokenizer.context_length
+    captions = ["a red circle", "hi", " ".join(["word"] * context)]
+    for batch in (captions[:2], captions):
+        tokens = tokenizer(batch)
+        ours, our_states = model._encode_coca_text(tokens)
+        theirs, their_states = model.clip._encode_text(tokens)
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+        kept = our_states.shape[1]
+        assert kept == min(context, int((tokens != 0).sum(1).max()) + 1)
+        torch.testing.assert_close(our_states, their_states[:, :kept], rtol=1e-5, atol=1e-6)
 
 
 def test_lr_schedule():

@@ -118,7 +118,11 @@ def test_exported_weights_load_in_open_clip_with_identical_embeddings(shards, tm
     with torch.no_grad():
         out = ours(images, text[:, None])
         torch.testing.assert_close(exported.encode_image(images), out.image_emb, rtol=0, atol=0)
-        torch.testing.assert_close(exported.encode_text(text), out.text_emb, rtol=0, atol=0)
+        # vlp's text tower skips the padding: same math, another summation order
+        torch.testing.assert_close(exported.encode_text(text), out.text_emb, rtol=0, atol=1e-6)
+    theirs = exported.state_dict()
+    for name, value in ours.clip.state_dict().items():
+        assert torch.equal(theirs[name], value), name
 
 
 @pytest.mark.parametrize(

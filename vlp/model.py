@@ -2,8 +2,9 @@
 
 The wrapper keeps the open_clip model as `self.clip` untouched, so `model.clip.state_dict()` is
 an open_clip state dict (that is what checkpoints export), and adds only what open_clip lacks:
-several texts per image ([B, T, L] in, [B, T, D] out) and a CoCa caption path that decodes only
-up to the batch's longest caption.
+several texts per image ([B, T, L] in, [B, T, D] out), text towers that skip trailing padding
+where that leaves every output unchanged, and a CoCa caption path that decodes only up to the
+batch's longest caption and projects to the vocabulary only where there is a target.
 """
 
 from __future__ import annotations
@@ -17,16 +18,14 @@ from typing import Any
 import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import text_global_pool
+from open_clip.transformer import TextTransformer, text_global_pool
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from vlp.config import ConfigError
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
 """vlp's own open_clip model configs; every JSON dropped here is available by name."""
-
-IGNORE_INDEX = -100
-"""Target value the caption loss skips (F.cross_entropy's default ignore_index)."""
 
 _registered: set[Path] = set()
 
@@ -51,10 +50,9 @@ class ModelOutput:
     text_emb_all: Tensor | None = None
     """[B, T, D] every text slot, when the batch has several texts per image."""
     caption_logits: Tensor | None = None
-    """[B, L', V] decoder logits, L' = the batch's longest caption - 1 (CoCa only)."""
+    """[N, V] decoder logits at the N caption positions that have a target (CoCa only)."""
     caption_targets: Tensor | None = None
-    """[B, L'] the tokens those positions predict (caption shifted by one), IGNORE_INDEX at
-    padding (CoCa only)."""
+    """[N] the tokens those positions predict (the caption shifted by one; CoCa only)."""
 
 
 class VLPModel(nn.Module):
@@ -66,6 +64,7 @@ class VLPModel(nn.Module):
         self.pad_id = pad_id
         self.has_decoder = hasattr(clip, "text_decoder")
         self.trims_text = can_trim_text(clip)
+        self.trims_coca_text = can_trim_coca_text(clip)
 
     @property
     def logit_scale(self) -> nn.Parameter:
@@ -76,7 +75,7 @@ class VLPModel(nn.Module):
         batch, slots, length = text.shape
         if self.has_decoder:
             image_emb, image_tokens = self.clip._encode_image(images, normalize=True)
-            text_latent, text_tokens = self.clip._encode_text(text.reshape(-1, length))
+            text_latent, text_tokens = self._encode_coca_text(text.reshape(-1, length))
         else:
             image_emb = self.clip.encode_image(images, normalize=True)
             text_latent = self._encode_text(text.reshape(-1, length))
@@ -90,9 +89,9 @@ class VLPModel(nn.Module):
         if self.has_decoder:
             if decoder_text is None:
                 decoder_text = text[:, 0]
-                decoder_tokens = text_tokens.reshape(batch, slots, length, -1)[:, 0]
+                decoder_tokens = text_tokens.unflatten(0, (batch, slots))[:, 0]
             else:
-                decoder_tokens = self.clip._encode_text(decoder_text)[1]
+                decoder_tokens = self._encode_coca_text(decoder_text)[1]
             out.caption_logits, out.caption_targets = self._caption(
                 image_tokens, decoder_tokens, decoder_text
             )
@@ -116,18 +115,70 @@ class VLPModel(nn.Module):
         x = projection(x) if isinstance(projection, nn.Linear) else x @ projection
         return F.normalize(x, dim=-1)
 
+    def _encode_coca_text(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """CoCa text tower: (normalised embeddings [N, D], token states [N, L', W]).
+
+        open_clip appends the CLS token after the full padded context. Here the context is cut
+        to the longest caption + 1 (open_clip's CLS mask lets CLS see the first padding
+        position), and CLS keeps its full-context positional embedding, so every kept output
+        equals open_clip's: tokens are causal, and CLS never sees the padding dropped.
+        """
+        if not self.trims_coca_text:
+            return self.clip._encode_text(tokens, normalize=True)
+        text, full = self.clip.text, tokens.shape[1]
+        keep = min(full, longest(tokens, self.pad_id) + 1)
+        tokens = tokens[:, :keep]
+        cast = text.transformer.get_cast_dtype()
+        cls = text.cls_emb.to(cast).expand(tokens.shape[0], 1, -1)
+        x = torch.cat([text.token_embedding(tokens).to(cast), cls], dim=1)
+        positions = torch.cat([text.positional_embedding[:keep], text.positional_embedding[full:]])
+        x = x + positions.to(cast)
+        mask = text.attn_mask[: keep + 1, : keep + 1] + text._build_additive_mask(
+            tokens, keep + 1, x.dtype
+        )
+        x = text.transformer(x, attn_mask=mask)
+        pooled = text.ln_final(x[:, -1])
+        projection = text.text_projection
+        pooled = projection(pooled) if isinstance(projection, nn.Linear) else pooled @ projection
+        return F.normalize(pooled, dim=-1), x[:, :-1]
+
     def _caption(self, image_tokens: Tensor, token_embs: Tensor, tokens: Tensor):
         """Teacher forcing: position i predicts token i+1. The shift happens here and only here.
 
         Decoding stops at the batch's longest caption: the decoder is causal, so dropping
-        trailing padding leaves every kept position's logits unchanged. Padding targets become
-        IGNORE_INDEX (cross-entropy's default ignore value).
+        trailing padding leaves every kept position's states unchanged. The vocabulary
+        projection, the largest matrix product of the model, runs only at positions whose
+        target is a caption token, not padding.
         """
         length = max(2, longest(tokens, self.pad_id))
-        valid = tokens[:, 1:length] != self.pad_id
-        targets = tokens[:, 1:length].masked_fill(~valid, IGNORE_INDEX)
-        logits = self.clip.text_decoder(image_tokens, token_embs[:, : length - 1])
-        return logits, targets  # [B, length-1, V], [B, length-1]
+        targets = tokens[:, 1:length]
+        valid = targets != self.pad_id
+        decoder = self.clip.text_decoder
+        states = decoder_states(decoder, image_tokens, token_embs[:, : length - 1])
+        return states[valid] @ decoder.text_projection, targets[valid]  # [N, V], [N]
+
+
+def decoder_states(decoder: nn.Module, image_tokens: Tensor, text_embs: Tensor) -> Tensor:
+    """open_clip's MultimodalTransformer.forward without its final vocabulary projection.
+
+    image_tokens [B, I, W], text_embs [B, L, W] -> [B, L, W] after ln_final.
+    """
+    length = text_embs.shape[1]
+    mask = decoder.attn_mask[:length, :length]
+    if not decoder.batch_first:
+        image_tokens, text_embs = image_tokens.transpose(0, 1), text_embs.transpose(0, 1)
+    for block, cross in zip(decoder.resblocks, decoder.cross_attn, strict=True):
+        if decoder.grad_checkpointing:
+            text_embs = checkpoint(block, text_embs, None, None, mask, use_reentrant=False)
+            text_embs = checkpoint(
+                cross, text_embs, image_tokens, image_tokens, None, use_reentrant=False
+            )
+        else:
+            text_embs = block(text_embs, attn_mask=mask)
+            text_embs = cross(text_embs, k_x=image_tokens, v_x=image_tokens)
+    if not decoder.batch_first:
+        text_embs = text_embs.transpose(0, 1)
+    return decoder.ln_final(text_embs)
 
 
 def longest(tokens: Tensor, pad_id: int) -> int:
@@ -141,12 +192,23 @@ def can_trim_text(clip: nn.Module) -> bool:
 
     True for the classic CLIP text tower with a causal mask and a pooled position that does not
     move (argmax/eos/first): every kept position sees the same tokens, and the pooled one is
-    kept. CoCa's text tower appends a CLS token after the padding, so it is never trimmed.
+    kept. CoCa's text tower is handled by can_trim_coca_text.
     """
     return (
         type(clip) is open_clip.CLIP
         and getattr(clip, "attn_mask", None) is not None
         and getattr(clip, "text_pool_type", None) in ("argmax", "eos", "first")
+    )
+
+
+def can_trim_coca_text(clip: nn.Module) -> bool:
+    """Whether VLPModel._encode_coca_text applies: open_clip's own causal CoCa text tower."""
+    text = getattr(clip, "text", None)
+    return (
+        type(text) is TextTransformer
+        and text.cls_emb is not None
+        and text.attn_mask is not None
+        and not text.use_pad_mask
     )
 
 

@@ -65,8 +65,7 @@ class Trainer:
             )
         if cfg.train.compile:
             model = torch.compile(model)
-        fused = self.accelerator.device.type == "cuda"
-        optimizer = build_optimizer(model, cfg.train, fused=fused)
+        optimizer = build_optimizer(model, cfg.train)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.step, self.positions = 0, {}
         start_meta = self._resume()
@@ -80,7 +79,7 @@ class Trainer:
             distributed.world_size(),
             self.positions,
             consumed,
-            pin_memory=fused,
+            pin_memory=self.accelerator.device.type == "cuda",
         )
         self._start_run(start_meta)
 

@@ -1,4 +1,4 @@
-"""CoCa captioning: token cross-entropy of the decoder on the caption, padding ignored."""
+"""CoCa captioning: token cross-entropy of the decoder on the caption's tokens (never padding)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlp import distributed
-from vlp.model import IGNORE_INDEX
 from vlp.objectives import OBJECTIVES
 
 
 @OBJECTIVES.register("caption")
 class CaptionObjective:
-    """The model has already shifted the targets and marked padding (ModelOutput.caption_*)."""
+    """The model has already shifted the targets and left out padding (ModelOutput.caption_*)."""
 
     def __init__(self, cfg: Any):
         self.label_smoothing = cfg.label_smoothing
@@ -28,12 +27,9 @@ class CaptionObjective:
         """
         if out.caption_logits is None:
             raise ValueError("the caption objective needs a model with a text decoder (CoCa)")
-        targets = out.caption_targets.flatten()
+        targets = out.caption_targets  # [N]: only positions with a caption token
         summed = F.cross_entropy(
-            out.caption_logits.flatten(0, 1),
-            targets,
-            reduction="sum",
-            label_smoothing=self.label_smoothing,
+            out.caption_logits, targets, reduction="sum", label_smoothing=self.label_smoothing
         )
-        tokens = distributed.all_reduce_sum((targets != IGNORE_INDEX).sum())
+        tokens = distributed.all_reduce_sum(targets.new_tensor(targets.numel()))
         return summed * distributed.world_size() / tokens.clamp(min=1)
