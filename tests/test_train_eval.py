@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from eval.during_training import isolated, open_evaluators
 from eval.tasks import AUTO, TASKS
 from tests.eval.evalkit import write_eval_set
+from vlp import train
 from vlp.config import EVAL_TYPES, ConfigError, EvalConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,7 +109,7 @@ def test_isolated_restores_rng_states_and_each_module_mode():
     assert [m.training for m in module.modules()] == [True, False, True]
 
 
-# ---- a short training run with evaluators, against the same run without them
+# ---- on tiny demo shards: a short run with evaluators, against the same run without
 
 
 @pytest.fixture(scope="module")
@@ -116,25 +117,10 @@ def demo(tmp_path_factory) -> Path:
     """Tiny demo shards and eval sets, and a model whose training draws random numbers."""
     out = tmp_path_factory.mktemp("demo")
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "data_tools",
-            "demo",
-            str(out),
-            "--num-samples",
-            "64",
-            "--samples-per-shard",
-            "16",
-            "--image-size",
-            "32",
-            "--eval-samples",
-            "8",
-        ],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-    )
+        [sys.executable, "-m", "data_tools", "demo", str(out), "--num-samples", "64",
+         "--samples-per-shard", "16", "--image-size", "32", "--eval-samples", "8"],
+        cwd=REPO, check=True, capture_output=True,
+    )  # fmt: skip
     model = json.loads((REPO / "configs/models/vlp-tiny-clip.json").read_text())
     model["vision_cfg"]["patch_dropout"] = 0.5  # draws from torch's global RNG every step
     (out / "models").mkdir()
@@ -146,6 +132,20 @@ def demo(tmp_path_factory) -> Path:
         f"train: {{steps: {STEPS}, warmup_steps: 2, deterministic: true, log_every_steps: 2}}\n"
     )
     return out
+
+
+def test_demo_shards_are_rebuilt_when_a_demo_eval_set_is_missing(demo, monkeypatch):
+    built = []
+    monkeypatch.setattr(train.subprocess, "run", lambda cmd: built.append(cmd) or _done(cmd))
+    shards = f"data.train_shards={demo}/train/{{00000..00003}}.tar"
+    train.ensure_demo_shards(load_config(None, [shards, f"eval.s.dataset={demo}/eval/shapes"]))
+    assert built == []
+    train.ensure_demo_shards(load_config(None, [shards, f"eval.s.dataset={demo}/eval/lost"]))
+    assert built == [[sys.executable, "-m", "data_tools", "demo", str(demo)]]
+
+
+def _done(command: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.CompletedProcess(command, 0)
 
 
 def _train(demo: Path, run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -162,7 +162,7 @@ def with_evaluators(demo, tmp_path_factory) -> tuple[Path, subprocess.CompletedP
     result = _train(
         demo, run_dir,
         f"eval.shapes.dataset={demo}/eval/shapes", "eval.shapes.every_steps=2",
-        "eval.shapes.workers=1",  # a DataLoader worker: its seed comes from the global RNG
+        "eval.shapes.workers=1",  # a decoding process forked mid-training
         f"eval.retrieval.dataset={demo}/eval/retrieval", "eval.retrieval.every_steps=0",
         f"eval.gone.dataset={demo}/eval/no_such_set", "eval.gone.every_steps=2",
     )  # fmt: skip
