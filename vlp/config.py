@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 
 class ConfigError(ValueError):
@@ -129,6 +129,31 @@ class CheckpointConfig:
     """How many of the newest checkpoints to keep (older ones are deleted)."""
 
 
+EVAL_TYPES = ("auto", "zeroshot_classification", "zeroshot_retrieval", "geometry")
+"""eval.tasks' names (vlp does not import eval; a test keeps the two lists equal)."""
+
+
+@dataclass
+class EvalConfig:
+    """One evaluator run during training; its name in `eval.<name>` prefixes its logs."""
+
+    dataset: str = MISSING
+    """An eval set directory in clip_benchmark's layout (`vlp-shard eval-set` or `demo` write
+    them). If it is missing or malformed at start-up, a warning says so and training runs
+    without this evaluator."""
+    type: str = "auto"
+    """auto (from the set's dataset_type.txt) | zeroshot_classification | zeroshot_retrieval |
+    geometry."""
+    every_steps: int = 0
+    """Evaluate every this many optimizer steps; 0 = only at the end."""
+    at_end: bool = True
+    """Also evaluate after the last step (every_steps=0 with at_end=false switches it off)."""
+    batch_size: int = 256
+    """Images per forward pass."""
+    workers: int = 0
+    """DataLoader processes decoding the eval images (0 = in the training process)."""
+
+
 @dataclass
 class RunConfig:
     output_dir: str = "runs/demo"
@@ -142,6 +167,8 @@ class Config:
     objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    eval: dict[str, EvalConfig] = field(default_factory=dict)
+    """Evaluators during training, by name: `eval.shapes: {dataset: DIR, every_steps: 100}`."""
     resume: str | None = None
     """latest (the newest complete checkpoint in run.output_dir, if any) or a checkpoint path."""
 
@@ -184,10 +211,25 @@ def _validate(cfg: Config) -> None:
             "set (or data.sources instead, not both)",
         ),
         (all(s.weight > 0 for s in cfg.data.sources), "data.sources", "positive weights"),
+        *_eval_checks(cfg.eval),
     ]
     for ok, key, expected in checks:
         if not ok:
             raise ConfigError(f"{key}: must be {expected}")
+
+
+def _eval_checks(evaluators: dict[str, EvalConfig]) -> list[tuple[bool, str, str]]:
+    checks = []
+    for name, entry in evaluators.items():
+        types = ", ".join(EVAL_TYPES[:-1]) + f" or {EVAL_TYPES[-1]}, not {entry.type!r}"
+        checks += [
+            ("/" not in name, f"eval.{name}", "a name without '/' (it prefixes the logs)"),
+            (entry.type in EVAL_TYPES, f"eval.{name}.type", types),
+            (entry.every_steps >= 0, f"eval.{name}.every_steps", "0 (at the end only) or more"),
+            (entry.batch_size >= 1, f"eval.{name}.batch_size", "at least 1"),
+            (entry.workers >= 0, f"eval.{name}.workers", "0 or more"),
+        ]
+    return checks
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -225,12 +267,23 @@ def _explain(err: OmegaConfBaseException, schema) -> str:
     """One line naming the key; for unknown keys, the nearest valid one."""
     key = getattr(err, "full_key", None) or ""
     message = str(err).splitlines()[0]
+    if isinstance(err, MissingMandatoryValue):
+        return f"{key}: required, but not set"
     if "not in struct" in message or "Key '" in message and "not" in message:
-        valid = _all_keys(OmegaConf.to_container(schema, resolve=False))
+        valid = _all_keys(OmegaConf.to_container(schema, resolve=False)) + _eval_keys(key)
         near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
         hint = f"; did you mean {near[0]}?" if near else ""
         return f"unknown config key {key!r}{hint}"
     return f"{key}: {message}" if key else message
+
+
+def _eval_keys(key: str) -> list[str]:
+    """The keys of the evaluator `key` belongs to (the schema's `eval` dict starts empty)."""
+    parts = key.split(".")
+    if len(parts) < 3 or parts[0] != "eval":
+        return []
+    entry = OmegaConf.to_container(OmegaConf.structured(EvalConfig), resolve=False)
+    return [f"eval.{parts[1]}.{name}" for name in entry]
 
 
 def _all_keys(tree: Any, prefix: str = "") -> list[str]:

@@ -48,6 +48,8 @@ class MetricsLogger:
             handle.write(json.dumps(record) + "\n")
         self.accelerator.log({k: v for k, v in values.items() if isinstance(v, int | float)}, step)
         summary = _summary(values)
+        if not summary:  # e.g. evaluation records: their evaluator prints its own line
+            return
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix_str(summary)

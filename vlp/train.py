@@ -25,8 +25,11 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 from accelerate.utils import set_seed  # noqa: E402
 
+from eval.during_training import open_evaluators  # noqa: E402
+from eval.models import EvalModel  # noqa: E402
 from vlp import checkpoint, distributed  # noqa: E402
 from vlp.config import Config, ConfigError, load_config, to_dict, to_yaml  # noqa: E402
+from vlp.data import format as fmt  # noqa: E402
 from vlp.data.pipeline import Batch, Position, build_loader  # noqa: E402
 from vlp.data.shards import DataError, expand_shards  # noqa: E402
 from vlp.metrics import MetricsLogger, is_time  # noqa: E402
@@ -56,7 +59,7 @@ class Trainer:
         )
         set_seed(cfg.train.seed)
         torch.use_deterministic_algorithms(cfg.train.deterministic)
-        model, train_transform, _, tokenizer = build_model(cfg.model)
+        model, train_transform, eval_transform, tokenizer = build_model(cfg.model)
         self.objective = WeightedObjective(cfg.objectives)
         if "caption" in self.objective.terms and not model.has_decoder:
             raise ConfigError(
@@ -82,6 +85,8 @@ class Trainer:
             pin_memory=self.accelerator.device.type == "cuda",
         )
         self._start_run(start_meta)
+        self.evaluators = open_evaluators(cfg.eval, cfg.train.steps, self._message)
+        self.eval_model = self._eval_model(eval_transform, tokenizer)
 
     def _resume(self) -> dict[str, Any] | None:
         if self.cfg.resume is None:
@@ -114,7 +119,22 @@ class Trainer:
         acc.init_trackers("tensorboard")
         self.logger = MetricsLogger(self.run_dir, acc, self.cfg.train.steps, self.step)
         where = f"resumed from {resumed['path']} at step {self.step}" if resumed else "started"
-        self.logger.message(f"{PROG}: {where}; run directory {self.run_dir}")
+        self._message(f"{where}; run directory {self.run_dir}")
+
+    def _eval_model(self, transform, tokenizer) -> EvalModel:
+        """The live open_clip module (not a copy), so evaluations see the current weights."""
+        return EvalModel(
+            self.accelerator.unwrap_model(self.model).clip,
+            transform,
+            tokenizer,
+            self.cfg.model.name,
+            pretrained=f"{self.run_dir} (during training)",
+            device=self.accelerator.device,
+            precision=self.cfg.train.precision,
+        )
+
+    def _message(self, text: str) -> None:
+        self.logger.message(f"{PROG}: {text}")
 
     def _stream_identity(self) -> dict[str, Any]:
         """Everything the batch stream depends on; a resume must find it unchanged."""
@@ -147,12 +167,16 @@ class Trainer:
                 elapsed = time.perf_counter() - window_start
                 self.logger.log(self.step, self._log_record(logs, window_steps, elapsed, wait))
                 window_start, window_steps, wait = time.perf_counter(), 0, 0.0
+            # before the checkpoint, so a run resumed from it never lacks this evaluation
+            evaluation = self.evaluators.run(self.step, self.eval_model)
+            if evaluation:
+                self.logger.log(self.step, evaluation)
             if is_time(self.step, cfg.checkpoint.every_steps, cfg.train.steps):
                 self.save()
         self.logger.close()
         self.accelerator.end_training()
-        self.logger.message(
-            f"{PROG}: done at step {self.step}; checkpoints in {self.run_dir / 'checkpoints'}, "
+        self._message(
+            f"done at step {self.step}; checkpoints in {self.run_dir / 'checkpoints'}, "
             f"metrics in {self.run_dir / 'metrics.jsonl'}"
         )
 
@@ -242,7 +266,7 @@ class Trainer:
         path = checkpoint.save(
             self.accelerator, self.model, self.run_dir, self.step, meta, self.cfg.checkpoint.keep
         )
-        self.logger.message(f"{PROG}: saved {path}")
+        self._message(f"saved {path}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -265,12 +289,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def ensure_demo_shards(cfg: Config, wait_seconds: float = 3600) -> None:
     """The default run trains on the demo shards: the first process builds them if missing.
 
-    Runs before the process group exists, so ranks come from the launcher's environment; the
-    other processes wait for the builder's sizes.json (written last, when every shard is done).
+    The demo eval sets the config evaluates are checked too (the builder writes them after the
+    training shards, and resumes where it stopped). Runs before the process group exists, so
+    ranks come from the launcher's environment; the other processes wait for the builder's
+    sizes.json (written last, when every shard is done).
     """
     urls = expand_shards(cfg.data.train_shards)
     train_dir = Path(urls[0]).parent
-    if (train_dir / "sizes.json").exists() and all(Path(u).exists() for u in urls):
+    eval_dirs = [Path(e.dataset) for e in cfg.eval.values()]
+    demo_eval = [d for d in eval_dirs if d.parent == train_dir.parent / "eval"]
+    if (
+        (train_dir / "sizes.json").exists()
+        and all(Path(u).exists() for u in urls)
+        and all((d / fmt.DATASET_TYPE_FILE).exists() for d in demo_eval)
+    ):
         return
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"{PROG}: building the demo shards in {train_dir.parent}", file=sys.stderr)
