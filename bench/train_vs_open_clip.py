@@ -63,8 +63,8 @@ GOALS = {CLIP: 2.0, COCA: 3.0}
 """Steady-state samples/s ratio vlp/open_clip the issue asks for."""
 HERE = WORK / NAME
 SHARD_DIR = WORK / "demo" / "train"
-SHARDS = "{00000..00009}.tar"
-DEMO_SAMPLES = 10_000
+SHARD_SAMPLES = 1000
+"""Samples per demo shard (vlp-shard's default)."""
 PEER_WEBDATASET = "webdataset==0.2.86"
 WARMUP_STEPS_EXCLUDED = 2
 """Steps left out of the steady-state rate: the first builds worker processes, fills shuffle
@@ -139,6 +139,12 @@ class Settings:
     caption_weight: float = 2.0
     """CoCa only (open_clip's default weights)."""
     precision: str = "fp32"
+    device: str = "cpu"
+    """cpu, or cuda (then run with --precision bf16 and more samples and workers)."""
+    demo_samples: int = 10_000
+    peer_site: str = ""
+    """A folder with the peer's packages (webdataset 0.2.86) put first on its PYTHONPATH,
+    instead of its own virtual environment: for device machines without a package index."""
     vlp_workers: int = 2
     """vlp's default and recommendation (configs/demo.yaml)."""
     peer_workers: int = 1
@@ -182,6 +188,7 @@ class Tools:
     peer_python: Path
     wrapper: Path
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    peer_env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,7 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(runs, settings)
     analysis_result = None if args.skip_analysis else run_analysis(settings, summary)
     print_report(summary, runs, settings, analysis_result, unpatched, probe)
-    path = HERE / "results-quick.json" if args.quick else RESULTS / f"{NAME}.json"
+    suffix = "" if settings.device == "cpu" else f"_{settings.device}"
+    path = args.output or (
+        HERE / "results-quick.json" if args.quick else RESULTS / f"{NAME}{suffix}.json"
+    )
     payload = result_payload(settings, tools, runs, summary, analysis_result, unpatched, probe)
     payload["git_at_end"] = git_state()
     payload["git"] = git_before
@@ -239,6 +249,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--quick", action="store_true", help="few steps, one round; results in bench/.work/"
     )
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=defaults.device)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default=defaults.precision)
+    parser.add_argument("--demo-samples", type=int, default=defaults.demo_samples)
+    parser.add_argument("--vlp-workers", type=int, default=defaults.vlp_workers)
+    parser.add_argument(
+        "--peer-site",
+        default="",
+        metavar="DIR",
+        help="run open_clip's trainer with this interpreter and DIR (holding webdataset "
+        "0.2.86) first on its PYTHONPATH, instead of its own venv (machines without internet)",
+    )
+    parser.add_argument("--output", type=Path, help="results file (default: bench/results/)")
     parser.add_argument("--analysis-child", metavar="JSON", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -258,6 +280,11 @@ def settings_from(args: argparse.Namespace) -> Settings:
         peer_workers=args.peer_workers,
         bf16_pair=args.bf16_pair,
         analysis_reps=args.analysis_reps,
+        precision=args.precision,
+        device=args.device,
+        demo_samples=args.demo_samples,
+        vlp_workers=args.vlp_workers,
+        peer_site=args.peer_site,
     )
     for samples in (settings.clip_samples, settings.coca_samples):
         steps = samples // settings.batch_size
@@ -275,22 +302,30 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 def prepare(s: Settings) -> Tools:
     """Demo shards, the peer's environment and its wrapper; raises PeerError."""
-    if not all((SHARD_DIR / f"{i:05d}.tar").exists() for i in range(10)):
+    shards = s.demo_samples // SHARD_SAMPLES
+    if not all((SHARD_DIR / f"{i:05d}.tar").exists() for i in range(shards)):
         print(f"building the demo shards in {SHARD_DIR.parent} ...", flush=True)
         subprocess.run(
             [sys.executable, "-m", "data_tools", "demo", str(SHARD_DIR.parent),
-             "--num-samples", str(DEMO_SAMPLES), "--workers", "2"],
+             "--num-samples", str(s.demo_samples), "--workers", str(os.cpu_count())],
             check=True, cwd=REPO, stdout=subprocess.DEVNULL,
         )  # fmt: skip
     # one read now, so the first timed run does not pay alone for a cold page cache
     for path in SHARD_DIR.glob("*.tar"):
         path.read_bytes()
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    python = ensure_venv("open_clip", peer_requirements(), peer_probe(), env)
+    if s.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # both tools on the CPU even where a GPU exists
+    peer_env = dict(env)
+    if s.peer_site:  # a machine without a package index: the peer's packages come as a folder
+        python = Path(sys.executable)
+        peer_env["PYTHONPATH"] = os.pathsep.join([s.peer_site, env.get("PYTHONPATH", "")])
+    else:
+        python = ensure_venv("open_clip", peer_requirements(), peer_probe(), env)
     HERE.mkdir(parents=True, exist_ok=True)
     wrapper = HERE / "peer_main.py"
     wrapper.write_text(PEER_WRAPPER.format(name=NAME))
-    return Tools(python, wrapper, env)
+    return Tools(python, wrapper, env, peer_env)
 
 
 def peer_requirements() -> list[str]:
@@ -314,13 +349,18 @@ def peer_probe() -> str:
 # --- the two commands --------------------------------------------------------------------
 
 
+def shard_pattern(s: Settings) -> str:
+    last = s.demo_samples // SHARD_SAMPLES - 1
+    return f"{SHARD_DIR.relative_to(REPO)}/{{00000..{last:05d}}}.tar"
+
+
 def vlp_command(job: Job, s: Settings, out: Path) -> list[str]:
     steps = job.samples // s.batch_size
     caption = s.caption_weight if job.model == COCA else 0.0
     return [
-        sys.executable, "vlp/train.py", "--config", "configs/demo.yaml",
+        sys.executable, "vlp/train.py", "--config", str(base_config()),
         f"model.name={job.model}",
-        f"data.train_shards={SHARD_DIR.relative_to(REPO)}/{SHARDS}",
+        f"data.train_shards={shard_pattern(s)}",
         f"data.batch_size={s.batch_size}", f"data.workers={s.vlp_workers}",
         f"train.steps={steps}", f"train.lr={s.lr}", f"train.warmup_steps={s.warmup}",
         f"train.min_lr={s.lr}",  # constant after warm-up, as open_clip's --lr-scheduler const
@@ -336,21 +376,32 @@ def vlp_command(job: Job, s: Settings, out: Path) -> list[str]:
     ]  # fmt: skip
 
 
+def base_config() -> Path:
+    """configs/demo.yaml without its evaluators: the peer's trainer evaluates nothing either."""
+    import yaml
+
+    config = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    config.pop("eval", None)
+    path = HERE / "base.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 def peer_command(job: Job, s: Settings, tools: Tools, out: Path) -> list[str]:
     cmd = [str(tools.peer_python), str(tools.wrapper), str(REPO / "configs" / "models")]
     if job.model == COCA and job.patched:
         cmd.append("--init-coca-projection")
     cmd += [
         "--model", job.model,
-        "--train-data", f"{SHARD_DIR.relative_to(REPO)}/{SHARDS}",
+        "--train-data", shard_pattern(s),
         "--dataset-type", "webdataset", "--train-num-samples", str(job.samples),
         "--batch-size", str(s.batch_size), "--epochs", "1",
-        "--workers", str(s.peer_workers), "--device", "cpu",
+        "--workers", str(s.peer_workers), "--device", s.device,
         "--lr", str(s.lr), "--warmup", str(s.warmup), "--lr-scheduler", "const",
         "--wd", str(s.weight_decay),
         "--beta1", str(s.beta1), "--beta2", str(s.beta2), "--eps", str(s.eps),
         "--grad-clip-norm", str(s.grad_clip),
-        # open_clip's "amp" (its default) is bf16 autocast on the CPU
+        # bf16 autocast, as vlp's train.precision=bf16
         "--precision", "fp32" if job.precision == "fp32" else "amp_bf16",
         "--seed", str(job.seed), "--log-every-n-steps", "1",
         # its final save at the end of the epoch stays on, as vlp's final checkpoint
@@ -385,7 +436,7 @@ def run_job(job: Job, s: Settings, tools: Tools) -> Run:
         result = run_timed(vlp_command(job, s, out), log, tools.env)
         steps = vlp_steps(out / "metrics.jsonl", s.batch_size)
     else:
-        result = run_timed(peer_command(job, s, tools, out), log, tools.env)
+        result = run_timed(peer_command(job, s, tools, out), log, tools.peer_env)
         steps = peer_steps(log, s.caption_weight if job.model == COCA else None)
     if len(steps) != job.samples // s.batch_size:
         raise RuntimeError(f"{job.label}: {len(steps)} steps logged, expected; see {log}")
@@ -397,6 +448,8 @@ def vlp_steps(metrics: Path, batch: int) -> list[Step]:
     steps = []
     for line in metrics.read_text().splitlines():
         r = json.loads(line)
+        if "samples_per_s" not in r:  # not a training-step record
+            continue
         seconds = batch / r["samples_per_s"]
         steps.append(
             Step(
@@ -486,8 +539,8 @@ def schedule(s: Settings, models: list[str]) -> list[Job]:
     so the loss comparison sees seed-to-seed spread, and the order flips every round."""
     jobs = []
     plan = [
-        (CLIP, "fp32", s.clip_samples, s.clip_repeats),
-        (COCA, "fp32", s.coca_samples, s.coca_repeats),
+        (CLIP, s.precision, s.clip_samples, s.clip_repeats),
+        (COCA, s.precision, s.coca_samples, s.coca_repeats),
     ]
     if s.bf16_pair:
         plan.append((CLIP, "bf16", s.clip_samples, 1))
@@ -1117,6 +1170,14 @@ def print_analysis(a: dict[str, Any]) -> None:
         )
 
 
+def device_name(device: str) -> str:
+    if device == "cpu":
+        return "cpu"
+    code = "import torch; print(torch.cuda.get_device_name())"
+    name = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
+    return f"{device}: {name.strip()}"
+
+
 def result_payload(
     s: Settings,
     tools: Tools,
@@ -1146,13 +1207,13 @@ def result_payload(
             "peer_torch": dist_version(tools.peer_python, "torch"),
             "peer_open_clip_torch": dist_version(tools.peer_python, "open_clip_torch"),
             "peer_webdataset": dist_version(tools.peer_python, "webdataset"),
-            "device": "cpu",
+            "device": device_name(s.device),
         },
         "settings": {
             **asdict(s),
             "warmup_steps_excluded": WARMUP_STEPS_EXCLUDED,
             "final_loss_steps": FINAL_STEPS,
-            "shards": f"{SHARD_DIR.relative_to(REPO)}/{SHARDS} ({DEMO_SAMPLES} demo samples)",
+            "shards": f"{shard_pattern(s)} ({s.demo_samples} demo samples)",
             "peer": "open_clip_train.main, unpatched, via bench/.work wrapper registering "
             "configs/models; CoCa runs are a patched peer: text_decoder.text_projection "
             "initialised like vlp's (normal, std width^-0.5) right after model creation",
