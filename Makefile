@@ -36,6 +36,10 @@ test: $(STAMP) ## run the test suite (CPU only, a few minutes)
 
 bench: $(STAMP) ## run the CPU benchmarks against their peers; results in bench/results/
 	$(PY) bench/shard_vs_img2dataset.py
+	$(PY) bench/train_vs_open_clip.py
+	$(PY) bench/eval_vs_clip_benchmark.py
+	$(PY) bench/retrieval_scale.py
+	$(PY) bench/readme_table.py
 
 lint: $(STAMP) ## check style with ruff
 	$(VENV)/bin/ruff check .

@@ -1107,7 +1107,11 @@ def print_report(
             )
     for group_name, group in summary.items():
         r = group["ratio_vlp_over_open_clip"]
-        goal = f" (goal >= {group['goal']:.0f}x: {'met' if group['goal_met'] else 'NOT met'})"
+        goal = (
+            f" (goal >= {group['goal']:.0f}x: {'met' if group['goal_met'] else 'NOT met'})"
+            if "goal" in group
+            else ""
+        )
         steady = r["steady_samples_per_s"]
         quiet = (
             f" [{steady['paired_median_quiet_rounds']:.2f}x over the {steady['quiet_rounds']} "

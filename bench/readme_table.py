@@ -1,0 +1,115 @@
+"""Rewrite the README's performance table from bench/results/*.json (never typed by hand).
+
+    .venv/bin/python bench/readme_table.py          # `make bench` runs it after the benchmarks
+
+The table sits between the two PERF markers in README.md. Each row reads one results file; a
+file that is missing leaves its row out.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+README = REPO / "README.md"
+START, END = "<!-- PERF:START (bench/readme_table.py) -->", "<!-- PERF:END -->"
+Row = tuple[str, str, str, str]
+"""(what, peer, vlp / peer, note)"""
+
+
+def shard_rows(d: dict[str, Any]) -> list[Row]:
+    s = d["summary"]
+    ratio = s["ratio_vlp_over_img2dataset"]["1"]["paired_median"]
+    tools = s["per_tool"]
+    note = (
+        f"CPU {tools['vlp']['1']['median_cpu_ms_per_image']:.1f} vs "
+        f"{tools['img2dataset']['1']['median_cpu_ms_per_image']:.1f} ms/image, peak PSS "
+        f"{tools['vlp']['1']['median_peak_pss_mb']:.0f} vs "
+        f"{tools['img2dataset']['1']['median_peak_pss_mb']:.0f} MB"
+    )
+    return [("Sharding, 1 process (images/s)", "img2dataset", f"{ratio:.2f}x", note)]
+
+
+def train_rows(d: dict[str, Any]) -> list[Row]:
+    device = d["machine"]["device"].split(" (")[0].removeprefix("cuda: ")
+    rows = []
+    for group, g in d["summary"].items():
+        r = g["ratio_vlp_over_open_clip"]["steady_samples_per_s"]["paired_median"]
+        tools = g["per_tool"]
+        goal = (
+            f"; goal {g['goal']:.0f}x {'met' if g['goal_met'] else 'not met'}"
+            if "goal" in g
+            else ""
+        )
+        note = (
+            f"{tools['vlp']['median_steady_samples_per_s']:.0f} vs "
+            f"{tools['open_clip']['median_steady_samples_per_s']:.0f} samples/s, data wait "
+            f"{tools['vlp']['median_data_wait_fraction']:.0%} vs "
+            f"{tools['open_clip']['median_data_wait_fraction']:.0%}{goal}"
+        )
+        batch = d["settings"]["batch_size"]
+        rows.append(
+            (f"Training {group}, batch {batch}, {device}", "open_clip_train", f"{r:.2f}x", note)
+        )
+    return rows
+
+
+def eval_rows(d: dict[str, Any]) -> list[Row]:
+    s, agreement = d["summary"], d["agreement"]
+    note = f"metrics agree: max abs difference {agreement['max_abs_diff']:.1g}"
+    return [
+        (f"Eval wall time, {name}", "clip_benchmark", f"{v['speedup_seconds']:.2f}x", note)
+        for name, v in s.items()
+    ]
+
+
+def retrieval_rows(d: dict[str, Any]) -> list[Row]:
+    runs = [r for r in d["runs"]["exact"] if r["n"] == 100_000]
+    if not runs:
+        return []
+    r = runs[0]
+    note = (
+        f"extra peak memory {r['extra_peak_mb']:.0f} MB vs a {r['scores_matrix_mb'] / 1024:.0f} GB "
+        f"score matrix; {r['seconds']:.0f} s"
+        + (" (extrapolated)" if r["seconds_extrapolated"] else "")
+    )
+    return [("Exact retrieval, 100k x 100k, 2 cores", "N x N scores", "bounded", note)]
+
+
+SOURCES: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
+    "shard_vs_img2dataset.json": shard_rows,
+    "train_vs_open_clip.json": train_rows,
+    "train_vs_open_clip_cuda.json": train_rows,
+    "eval_vs_clip_benchmark.json": eval_rows,
+    "retrieval_scale.json": retrieval_rows,
+}
+
+
+def table() -> str:
+    lines = ["| Measure | Peer | vlp / peer | Details |", "| --- | --- | --- | --- |"]
+    for name, rows in SOURCES.items():
+        path = RESULTS / name
+        if path.exists():
+            lines += [f"| {' | '.join(row)} |" for row in rows(json.loads(path.read_text()))]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    text = README.read_text()
+    if START not in text or END not in text:
+        print(f"readme_table: {README} lacks the markers {START} ... {END}", file=sys.stderr)
+        return 2
+    head, rest = text.split(START, 1)
+    tail = rest.split(END, 1)[1]
+    README.write_text(f"{head}{START}\n{table()}\n{END}{tail}")
+    print(f"readme_table: {README.relative_to(REPO)} updated from {RESULTS.relative_to(REPO)}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
