@@ -167,3 +167,25 @@ def test_hf_text_tower_loads_offline_and_lit_locks_towers(monkeypatch):
     assert torch.allclose(out.text_emb.norm(dim=-1), torch.ones(2))
     assert not any(p.requires_grad for p in model.clip.visual.parameters())
     assert all(p.requires_grad for p in model.clip.text.parameters())
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_coca):
+    """vlp's decoder path recomputes through torch.utils.checkpoint when open_clip's flag is on."""
+    model, tokenizer = tiny_coca
+    images = torch.randn(2, 3, 32, 32)
+    tokens = tokenizer(["a red circle", "a small blue star"])[:, None]
+    results = []
+    for enabled in (False, True):
+        model.clip.set_grad_checkpointing(enabled)
+        model.zero_grad(set_to_none=True)
+        out = model(images, tokens)
+        loss = F.cross_entropy(out.caption_logits, out.caption_targets) + out.text_emb.sum()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads))
+    model.clip.set_grad_checkpointing(False)
+    (loss_plain, plain), (loss_ckpt, ckpt) = results
+    assert loss_plain == loss_ckpt and plain.keys() == ckpt.keys()
+    assert any("text_decoder" in name for name in plain)
+    for name, grad in plain.items():
+        torch.testing.assert_close(ckpt[name], grad, rtol=0, atol=1e-7, msg=name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+from importlib.util import find_spec
 import sys
 import time
 from pathlib import Path
@@ -145,6 +146,12 @@ def test_exported_weights_load_in_open_clip_with_identical_embeddings(shards, tm
         ("model.pretrained=/nonexistent/w.safetensors", "no such weights file"),
         ("data.shuffle_buffer=0", "data.shuffle_buffer: must be at least 1"),
         ("objectives.caption.weight=2", "has no text decoder"),
+        ("run.trackers=[mlflow]", "tensorboard and/or wandb"),
+        pytest.param(
+            "run.trackers=[wandb]",
+            "wandb is not installed",
+            marks=pytest.mark.skipif(find_spec("wandb") is not None, reason="wandb is installed"),
+        ),
     ],
 )
 def test_train_user_mistakes_are_one_line_exit_2(tmp_path, override, message):

@@ -157,6 +157,9 @@ class EvalConfig:
 @dataclass
 class RunConfig:
     output_dir: str = "runs/demo"
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Where accelerate sends the logged metrics besides metrics.jsonl: tensorboard (in the run
+    directory) and/or wandb (needs `pip install wandb`; project = the run directory's name)."""
 
 
 @dataclass
@@ -211,6 +214,11 @@ def _validate(cfg: Config) -> None:
             "set (or data.sources instead, not both)",
         ),
         (all(s.weight > 0 for s in cfg.data.sources), "data.sources", "positive weights"),
+        (
+            set(cfg.run.trackers) <= {"tensorboard", "wandb"},
+            "run.trackers",
+            f"a list of tensorboard and/or wandb, not {list(cfg.run.trackers)}",
+        ),
         *_eval_checks(cfg.eval),
     ]
     for ok, key, expected in checks:

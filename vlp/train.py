@@ -23,7 +23,7 @@ from dataclasses import asdict  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
-from accelerate.utils import set_seed  # noqa: E402
+from accelerate.utils import is_wandb_available, set_seed  # noqa: E402
 
 from eval.during_training import open_evaluators  # noqa: E402
 from eval.models import EvalModel  # noqa: E402
@@ -54,7 +54,7 @@ class Trainer:
         self.run_dir = Path(cfg.run.output_dir)
         self.accelerator = distributed.new_accelerator(
             mixed_precision="bf16" if cfg.train.precision == "bf16" else "no",
-            log_with="tensorboard",
+            log_with=trackers(cfg.run.trackers),
             project_dir=str(self.run_dir),
         )
         set_seed(cfg.train.seed)
@@ -116,7 +116,7 @@ class Trainer:
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
-        acc.init_trackers("tensorboard")
+        acc.init_trackers(self.run_dir.name)
         self.logger = MetricsLogger(self.run_dir, acc, self.cfg.train.steps, self.step)
         where = f"resumed from {resumed['path']} at step {self.step}" if resumed else "started"
         self._message(f"{where}; run directory {self.run_dir}")
@@ -267,6 +267,13 @@ class Trainer:
             self.accelerator, self.model, self.run_dir, self.step, meta, self.cfg.checkpoint.keep
         )
         self._message(f"saved {path}")
+
+
+def trackers(names: list[str]) -> list[str]:
+    """accelerate's trackers for `run.trackers`; a missing optional package is a config error."""
+    if "wandb" in names and not is_wandb_available():
+        raise ConfigError("run.trackers: wandb is not installed; `pip install wandb` or drop it")
+    return list(names)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
