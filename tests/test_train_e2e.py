@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-from importlib.util import find_spec
 import sys
 import time
+from importlib.util import find_spec
 from pathlib import Path
 
 import open_clip
