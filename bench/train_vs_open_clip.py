@@ -37,7 +37,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -271,21 +271,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
             batch_size=32, clip_samples=256, coca_samples=256, clip_repeats=1, coca_repeats=1,
             warmup=2, peer_workers=args.peer_workers, analysis_reps=1,
         )  # fmt: skip
-    settings = Settings(
-        batch_size=args.batch_size,
-        clip_samples=args.clip_samples,
-        coca_samples=args.coca_samples,
-        clip_repeats=args.clip_repeats,
-        coca_repeats=args.coca_repeats,
-        peer_workers=args.peer_workers,
-        bf16_pair=args.bf16_pair,
-        analysis_reps=args.analysis_reps,
-        precision=args.precision,
-        device=args.device,
-        demo_samples=args.demo_samples,
-        vlp_workers=args.vlp_workers,
-        peer_site=args.peer_site,
-    )
+    # the fields that have a command-line option (of the same name); the rest keep defaults
+    given = {f.name: getattr(args, f.name) for f in fields(Settings) if hasattr(args, f.name)}
+    settings = Settings(**given)
     for samples in (settings.clip_samples, settings.coca_samples):
         steps = samples // settings.batch_size
         # open_clip rounds its epoch up to whole batches per data worker; a different number of
