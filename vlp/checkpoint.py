@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from safetensors.torch import save_file
+from torch import Tensor
 
 from vlp.config import ConfigError
 
@@ -53,10 +54,9 @@ def save(accelerator, model, run_dir: Path, step: int, meta: dict[str, Any], kee
         temporary.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(temporary / STATE_DIR))
+    weights = accelerator.get_state_dict(model)  # every process: FSDP gathers its shards here
     if accelerator.is_main_process:
-        from vlp.model import export_state_dict
-
-        save_file(export_state_dict(accelerator.unwrap_model(model)), temporary / EXPORT_FILE)
+        save_file(open_clip_weights(weights), temporary / EXPORT_FILE)
         (temporary / META_FILE).write_text(json.dumps({**meta, "versions": versions()}, indent=2))
         _fsync_tree(temporary)
         if final.exists():  # a rerun that reached the same step: replace it whole
@@ -65,6 +65,16 @@ def save(accelerator, model, run_dir: Path, step: int, meta: dict[str, Any], kee
         _prune(root, keep)
     accelerator.wait_for_everyone()
     return final
+
+
+def open_clip_weights(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The open_clip model's own weights (VLPModel keeps it as `clip`), contiguous, on CPU."""
+    prefix = "clip."
+    return {
+        k.removeprefix(prefix): v.detach().cpu().contiguous()
+        for k, v in state.items()
+        if k.startswith(prefix)
+    }
 
 
 def _fsync_tree(directory: Path) -> None:

@@ -14,6 +14,8 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 from torch import Tensor
 
+from vlp.config import ConfigError
+
 
 def new_accelerator(**kwargs: Any):
     """An Accelerator that also runs multi-process on CPU-only machines.
@@ -24,6 +26,30 @@ def new_accelerator(**kwargs: Any):
     from accelerate import Accelerator
 
     return Accelerator(cpu=not torch.cuda.is_available(), **kwargs)
+
+
+def configure_engine(accelerator, micro_batch: int, grad_accum: int, grad_clip: float) -> None:
+    """Settings an engine needs before `accelerator.prepare` (DeepSpeed; nothing otherwise).
+
+    vlp feeds its own DataLoader (never prepared by accelerate), so accelerate cannot fill
+    DeepSpeed's batch sizes. DeepSpeed also clips inside its own step and scales the loss by its
+    accumulation count, so vlp's train.grad_clip goes into its config and train.grad_accum must
+    be 1 (vlp's loop divides the loss itself).
+    """
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    if grad_accum != 1:
+        raise ConfigError(
+            f"train.grad_accum={grad_accum}: DeepSpeed runs need 1 (raise data.batch_size, "
+            "or use configs/accelerate/ddp.yaml or fsdp.yaml for gradient accumulation)"
+        )
+    plugin.deepspeed_config.update(
+        train_micro_batch_size_per_gpu=micro_batch,
+        train_batch_size=micro_batch * accelerator.num_processes,
+        gradient_accumulation_steps=1,
+        gradient_clipping=grad_clip,
+    )
 
 
 def is_distributed() -> bool:

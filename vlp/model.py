@@ -280,8 +280,3 @@ def _hf_text_cfg(name: str, path: str) -> dict[str, Any]:
     text_cfg.setdefault("context_length", 77)
     return text_cfg
 
-
-@torch.no_grad()
-def export_state_dict(model: VLPModel) -> dict[str, Tensor]:
-    """The open_clip model's own weights, contiguous and on CPU (for safetensors)."""
-    return {k: v.detach().cpu().contiguous() for k, v in model.clip.state_dict().items()}

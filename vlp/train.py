@@ -69,6 +69,9 @@ class Trainer:
         if cfg.train.compile:
             model = torch.compile(model)
         optimizer = build_optimizer(model, cfg.train)
+        distributed.configure_engine(
+            self.accelerator, cfg.data.batch_size, cfg.train.grad_accum, cfg.train.grad_clip
+        )
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.step, self.positions = 0, {}
         start_meta = self._resume()

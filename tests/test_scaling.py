@@ -1,0 +1,129 @@
+"""configs/accelerate/: every file is a valid accelerate config, and the ones accelerate can run
+on a CPU train vlp with 2 gloo processes exactly as torchrun does."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from accelerate.commands.config.config_args import load_config_from_file
+from safetensors.torch import load_file
+
+from vlp.config import ConfigError
+from vlp.distributed import configure_engine
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs" / "accelerate"
+BIN = Path(sys.executable).parent
+STEPS = 4
+ENGINES = {
+    "single_gpu.yaml": "NO",
+    "ddp.yaml": "MULTI_GPU",
+    "fsdp.yaml": "FSDP",
+    "deepspeed_zero2.yaml": "DEEPSPEED",
+}
+
+
+def test_every_accelerate_config_loads_with_its_engine():
+    assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == sorted(ENGINES)
+    for name, engine in ENGINES.items():
+        config = load_config_from_file(str(CONFIGS / name))
+        assert str(config.distributed_type).split(".")[-1] == engine, name
+        # vlp's train.precision decides the precision and train.compile the compiler
+        assert config.mixed_precision == "no", name
+        assert config.dynamo_config.get("dynamo_backend", "NO") == "NO", name
+    fsdp = load_config_from_file(str(CONFIGS / "fsdp.yaml")).fsdp_config
+    assert fsdp["fsdp_sharding_strategy"] == "FULL_SHARD"
+    assert fsdp["fsdp_transformer_layer_cls_to_wrap"] == "ResidualAttentionBlock"
+    zero = load_config_from_file(str(CONFIGS / "deepspeed_zero2.yaml")).deepspeed_config
+    assert zero["zero_stage"] == 2
+
+
+def _deepspeed_accelerator(processes: int):
+    plugin = SimpleNamespace(deepspeed_config={"train_micro_batch_size_per_gpu": "auto"})
+    return SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin), num_processes=processes)
+
+
+def test_deepspeed_gets_vlps_batch_and_clipping():
+    accelerator = _deepspeed_accelerator(4)
+    configure_engine(accelerator, micro_batch=32, grad_accum=1, grad_clip=0.5)
+    assert accelerator.state.deepspeed_plugin.deepspeed_config == {
+        "train_micro_batch_size_per_gpu": 32,
+        "train_batch_size": 128,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.5,
+    }
+    with pytest.raises(ConfigError, match="train.grad_accum=2"):
+        configure_engine(_deepspeed_accelerator(4), micro_batch=32, grad_accum=2, grad_clip=1)
+    plain = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None), num_processes=2)
+    configure_engine(plain, micro_batch=32, grad_accum=4, grad_clip=1.0)  # nothing to set
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("shards")
+    subprocess.run(
+        [sys.executable, "-m", "data_tools", "demo", str(out), "--num-samples", "240",
+         "--samples-per-shard", "30", "--image-size", "32", "--eval-samples", "8"],
+        cwd=REPO, check=True, capture_output=True,
+    )  # fmt: skip
+    return str(out / "train" / "{00000..00007}.tar")
+
+
+def _train(launcher: list[str], shards: str, run_dir: Path) -> dict:
+    """Train the tiny CoCa for STEPS steps (no evaluators); return the final checkpoint."""
+    run_dir.parent.mkdir(parents=True)
+    config = run_dir.parent / "base.yaml"
+    config.write_text((REPO / "configs" / "demo.yaml").read_text().split("\neval:")[0] + "\n")
+    command = [
+        *launcher, "vlp/train.py", "--config", str(config),
+        f"data.train_shards={shards}", f"run.output_dir={run_dir}", "run.trackers=[]",
+        "data.batch_size=4", "data.workers=1", "data.shuffle_buffer=30",
+        f"train.steps={STEPS}", "train.warmup_steps=1", "train.grad_accum=2",
+        "train.deterministic=true", f"checkpoint.every_steps={STEPS}", "resume=null",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = run_dir / "checkpoints" / f"step_{STEPS:09d}"
+    meta = json.loads((final / "meta.json").read_text())
+    return {"weights": load_file(final / "model.safetensors"), "meta": meta}
+
+
+def _accelerate(config: str, processes: int, port: int) -> list[str]:
+    return [
+        str(BIN / "accelerate"), "launch", "--config_file", str(CONFIGS / config),
+        "--num_processes", str(processes), "--main_process_port", str(port),
+    ]  # fmt: skip
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a["weights"].keys() == b["weights"].keys()
+    for name, tensor in a["weights"].items():
+        assert tensor.equal(b["weights"][name]), name
+
+
+@pytest.mark.slow
+def test_ddp_config_trains_two_processes_as_torchrun_does(shards, tmp_path):
+    torchrun = [shutil.which("torchrun", path=str(BIN)), "--nproc_per_node", "2",
+                "--master_port", "29561"]  # fmt: skip
+    reference = _train(torchrun, shards, tmp_path / "torchrun" / "run")
+    launched = _train(_accelerate("ddp.yaml", 2, 29563), shards, tmp_path / "ddp" / "run")
+    # one process group of 2 (not 2 independent runs): the global batch counts both
+    assert launched["meta"]["data"]["stream"]["processes"] == 2
+    assert launched["meta"]["samples_seen"] == STEPS * 4 * 2 * 2
+    _assert_same(launched, reference)
+
+
+@pytest.mark.slow
+def test_single_gpu_config_trains_as_plain_python_does(shards, tmp_path):
+    reference = _train([sys.executable], shards, tmp_path / "python" / "run")
+    launched = _train(_accelerate("single_gpu.yaml", 1, 29565), shards, tmp_path / "one" / "run")
+    assert launched["meta"]["data"]["stream"]["processes"] == 1
+    _assert_same(launched, reference)
