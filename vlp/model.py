@@ -279,4 +279,3 @@ def _hf_text_cfg(name: str, path: str) -> dict[str, Any]:
         text_cfg.pop(key, None)
     text_cfg.setdefault("context_length", 77)
     return text_cfg
-
