@@ -3,6 +3,7 @@ on a CPU train vlp with 2 gloo processes exactly as torchrun does."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import pytest
 from accelerate.commands.config.config_args import load_config_from_file
 from safetensors.torch import load_file
 
+from vlp import distributed
 from vlp.config import ConfigError
 from vlp.distributed import configure_engine
 
@@ -22,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "accelerate"
 BIN = Path(sys.executable).parent
 STEPS = 4
+original_gather = distributed.gather_with_grad
 ENGINES = {
     "single_gpu.yaml": "NO",
     "ddp.yaml": "MULTI_GPU",
@@ -127,3 +130,21 @@ def test_single_gpu_config_trains_as_plain_python_does(shards, tmp_path):
     launched = _train(_accelerate("single_gpu.yaml", 1, 29565), shards, tmp_path / "one" / "run")
     assert launched["meta"]["data"]["stream"]["processes"] == 1
     _assert_same(launched, reference)
+
+
+def _bench(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_local_contrastive_loss_memory_is_linear_in_world_size_at_fixed_per_rank_batch():
+    loss_memory = _bench("loss_memory")
+    local = {w: loss_memory.peak_mib("local", 64, w)[0] for w in (4, 16)}
+    naive = {w: loss_memory.peak_mib("naive", 64, w)[0] for w in (4, 16)}
+    # 4x the ranks: the local loss's [B, W*B] logits and gathered rows grow 4x, the naive
+    # [W*B, W*B] matrix 16x (less the rows, which grow 4x)
+    assert 3 < local[16] / local[4] < 4.5
+    assert naive[16] / naive[4] > 10
+    assert distributed.gather_with_grad is original_gather  # the simulation is undone
