@@ -7,10 +7,10 @@ DEMO_DIR ?= data/demo
 WORKERS ?= 2
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test bench lint format clean
+.PHONY: help setup demo test bench bench-gpu lint format clean
 
 help: ## list the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-9s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,7 +39,13 @@ bench: $(STAMP) ## run the CPU benchmarks against their peers; results in bench/
 	$(PY) bench/train_vs_open_clip.py
 	$(PY) bench/eval_vs_clip_benchmark.py
 	$(PY) bench/retrieval_scale.py
+	$(PY) bench/loss_memory.py
 	$(PY) bench/readme_table.py
+
+GPU_PY ?= python3
+GPU_ARGS ?=
+bench-gpu: ## bf16 CLIP/CoCa on a GPU vs open_clip: samples/s, MFU, memory (bench/README.md)
+	$(GPU_PY) bench/gpu.py $(GPU_ARGS)
 
 lint: $(STAMP) ## check style with ruff
 	$(VENV)/bin/ruff check .

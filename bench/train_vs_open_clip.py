@@ -57,12 +57,14 @@ from _common import (  # noqa: E402  (the helpers live beside this script, not i
 )
 
 NAME = "train_vs_open_clip"
+MODEL_CONFIGS = REPO / "configs" / "models"
 VLP, PEER = "vlp", "open_clip"
 CLIP, COCA = "vlp-small-clip", "vlp-small-coca"
 GOALS = {CLIP: 2.0, COCA: 3.0}
 """Steady-state samples/s ratio vlp/open_clip the issue asks for."""
 HERE = WORK / NAME
 SHARD_DIR = WORK / "demo" / "train"
+"""The demo shards at the demo's image size, 64 px (--demo-image-size picks another folder)."""
 SHARD_SAMPLES = 1000
 """Samples per demo shard (vlp-shard's default)."""
 PEER_WEBDATASET = "webdataset==0.2.86"
@@ -152,6 +154,9 @@ class Settings:
     bf16_pair: bool = False
     """Also one CLIP round in bf16 autocast (open_clip: amp_bf16)."""
     analysis_reps: int = 3
+    demo_image_size: int = 64
+    """Side of the demo images; models at 224 px train faster from 224 px shards than from 64 px
+    ones upscaled in the data workers."""
 
 
 @dataclass(frozen=True)
@@ -166,7 +171,8 @@ class Job:
 
     @property
     def label(self) -> str:
-        patch = "" if self.patched or self.model != COCA or self.tool == VLP else "-unpatched"
+        coca = is_coca(self.model)
+        patch = "" if self.patched or not coca or self.tool == VLP else "-unpatched"
         return f"{self.tool}-{self.model}-{self.precision}-s{self.seed}-n{self.samples}{patch}"
 
 
@@ -231,7 +237,13 @@ def main(argv: list[str] | None = None) -> int:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     defaults = Settings()
-    parser.add_argument("--models", nargs="+", default=[CLIP, COCA], choices=[CLIP, COCA])
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=[CLIP, COCA],
+        choices=sorted(p.stem for p in MODEL_CONFIGS.glob("*.json")),
+        help="vlp model configs (configs/models); CoCa ones get the caption loss too",
+    )
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--clip-samples", type=int, default=defaults.clip_samples)
     parser.add_argument("--coca-samples", type=int, default=defaults.coca_samples)
@@ -252,6 +264,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", choices=["cpu", "cuda"], default=defaults.device)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default=defaults.precision)
     parser.add_argument("--demo-samples", type=int, default=defaults.demo_samples)
+    parser.add_argument("--demo-image-size", type=int, default=defaults.demo_image_size)
     parser.add_argument("--vlp-workers", type=int, default=defaults.vlp_workers)
     parser.add_argument(
         "--peer-site",
@@ -266,13 +279,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    if args.quick:
-        return Settings(
-            batch_size=32, clip_samples=256, coca_samples=256, clip_repeats=1, coca_repeats=1,
-            warmup=2, peer_workers=args.peer_workers, analysis_reps=1,
-        )  # fmt: skip
     # the fields that have a command-line option (of the same name); the rest keep defaults
     given = {f.name: getattr(args, f.name) for f in fields(Settings) if hasattr(args, f.name)}
+    if args.quick:  # sizes for a smoke check; device, precision and the rest as given
+        return Settings(**{
+            **given, "batch_size": 32, "clip_samples": 256, "coca_samples": 256,
+            "clip_repeats": 1, "coca_repeats": 1, "warmup": 2, "analysis_reps": 1,
+        })  # fmt: skip
     settings = Settings(**given)
     for samples in (settings.clip_samples, settings.coca_samples):
         steps = samples // settings.batch_size
@@ -290,17 +303,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 def prepare(s: Settings) -> Tools:
     """Demo shards, the peer's environment and its wrapper; raises PeerError."""
-    shards = s.demo_samples // SHARD_SAMPLES
-    if not all((SHARD_DIR / f"{i:05d}.tar").exists() for i in range(shards)):
-        print(f"building the demo shards in {SHARD_DIR.parent} ...", flush=True)
-        subprocess.run(
-            [sys.executable, "-m", "data_tools", "demo", str(SHARD_DIR.parent),
-             "--num-samples", str(s.demo_samples), "--workers", str(os.cpu_count())],
-            check=True, cwd=REPO, stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-    # one read now, so the first timed run does not pay alone for a cold page cache
-    for path in SHARD_DIR.glob("*.tar"):
-        path.read_bytes()
+    ensure_demo_shards(s)
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     if s.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # both tools on the CPU even where a GPU exists
@@ -314,6 +317,23 @@ def prepare(s: Settings) -> Tools:
     wrapper = HERE / "peer_main.py"
     wrapper.write_text(PEER_WRAPPER.format(name=NAME))
     return Tools(python, wrapper, env, peer_env)
+
+
+def ensure_demo_shards(s: Settings) -> Path:
+    """The demo shards of `s` (built if missing), read once; returns their folder."""
+    shards, directory = s.demo_samples // SHARD_SAMPLES, shard_dir(s)
+    if not all((directory / f"{i:05d}.tar").exists() for i in range(shards)):
+        print(f"building the demo shards in {directory.parent} ...", flush=True)
+        subprocess.run(
+            [sys.executable, "-m", "data_tools", "demo", str(directory.parent),
+             "--num-samples", str(s.demo_samples), "--workers", str(os.cpu_count()),
+             "--image-size", str(s.demo_image_size)],
+            check=True, cwd=REPO, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+    # one read now, so the first timed run does not pay alone for a cold page cache
+    for path in directory.glob("*.tar"):
+        path.read_bytes()
+    return directory
 
 
 def peer_requirements() -> list[str]:
@@ -337,14 +357,25 @@ def peer_probe() -> str:
 # --- the two commands --------------------------------------------------------------------
 
 
+def shard_dir(s: Settings) -> Path:
+    if s.demo_image_size == Settings.demo_image_size:
+        return SHARD_DIR
+    return WORK / f"demo-{s.demo_image_size}px" / "train"
+
+
 def shard_pattern(s: Settings) -> str:
     last = s.demo_samples // SHARD_SAMPLES - 1
-    return f"{SHARD_DIR.relative_to(REPO)}/{{00000..{last:05d}}}.tar"
+    return f"{shard_dir(s).relative_to(REPO)}/{{00000..{last:05d}}}.tar"
+
+
+def is_coca(model: str) -> bool:
+    """A model config with a text decoder: trained with the caption loss too."""
+    return "multimodal_cfg" in json.loads((MODEL_CONFIGS / f"{model}.json").read_text())
 
 
 def vlp_command(job: Job, s: Settings, out: Path) -> list[str]:
     steps = job.samples // s.batch_size
-    caption = s.caption_weight if job.model == COCA else 0.0
+    caption = s.caption_weight if is_coca(job.model) else 0.0
     return [
         sys.executable, "vlp/train.py", "--config", str(base_config()),
         f"model.name={job.model}",
@@ -377,7 +408,7 @@ def base_config() -> Path:
 
 def peer_command(job: Job, s: Settings, tools: Tools, out: Path) -> list[str]:
     cmd = [str(tools.peer_python), str(tools.wrapper), str(REPO / "configs" / "models")]
-    if job.model == COCA and job.patched:
+    if is_coca(job.model) and job.patched:
         cmd.append("--init-coca-projection")
     cmd += [
         "--model", job.model,
@@ -396,7 +427,7 @@ def peer_command(job: Job, s: Settings, tools: Tools, out: Path) -> list[str]:
         "--save-frequency", "0", "--zeroshot-frequency", "0", "--report-to", "",
         "--logs", str(out.parent), "--name", out.name,
     ]  # fmt: skip
-    if job.model == COCA:
+    if is_coca(job.model):
         cmd += [
             "--coca-caption-loss-weight",
             str(s.caption_weight),
@@ -425,7 +456,7 @@ def run_job(job: Job, s: Settings, tools: Tools) -> Run:
         steps = vlp_steps(out / "metrics.jsonl", s.batch_size)
     else:
         result = run_timed(peer_command(job, s, tools, out), log, tools.peer_env)
-        steps = peer_steps(log, s.caption_weight if job.model == COCA else None)
+        steps = peer_steps(log, s.caption_weight if is_coca(job.model) else None)
     if len(steps) != job.samples // s.batch_size:
         raise RuntimeError(f"{job.label}: {len(steps)} steps logged, expected; see {log}")
     return Run(result, steps, log, launched)
@@ -527,14 +558,14 @@ def schedule(s: Settings, models: list[str]) -> list[Job]:
     so the loss comparison sees seed-to-seed spread, and the order flips every round."""
     jobs = []
     plan = [
-        (CLIP, s.precision, s.clip_samples, s.clip_repeats),
-        (COCA, s.precision, s.coca_samples, s.coca_repeats),
+        (model, s.precision, s.coca_samples, s.coca_repeats)
+        if is_coca(model)
+        else (model, s.precision, s.clip_samples, s.clip_repeats)
+        for model in models
     ]
-    if s.bf16_pair:
+    if s.bf16_pair and CLIP in models:
         plan.append((CLIP, "bf16", s.clip_samples, 1))
     for model, precision, samples, repeats in plan:
-        if model not in models:
-            continue
         for round_ in range(repeats):
             order = (VLP, PEER) if round_ % 2 == 0 else (PEER, VLP)
             jobs += [Job(tool, model, precision, round_, samples) for tool in order]
@@ -605,7 +636,7 @@ def run_record(job: Job, run: Run, batch: int) -> dict[str, Any]:
             for x in steps
         ],
     }
-    if job.model == COCA:
+    if is_coca(job.model):
         record["first_caption"] = (
             round(steps[0].caption, 4) if steps[0].caption is not None else None
         )
@@ -642,7 +673,7 @@ def summarize(runs: list[dict[str, Any]], s: Settings) -> dict[str, Any]:
             },
             "final_loss_vlp_minus_open_clip": _paired_differences(mine, "final_loss"),
         }
-        if precision == "fp32":
+        if precision == "fp32" and model in GOALS:
             group["goal"] = GOALS[model]
             group["goal_met"] = steady["paired_median"] >= GOALS[model]
         groups[f"{model}/{precision}"] = group
@@ -759,7 +790,7 @@ def shard_captions(count: int) -> list[str]:
     import tarfile
 
     captions = []
-    with tarfile.open(SHARD_DIR / "00000.tar") as tar:
+    with tarfile.open(SHARD_DIR / "00000.tar") as tar:  # the analysis uses the 64 px set
         for member in tar:
             if member.name.endswith(".txt"):
                 captions.append(tar.extractfile(member).read().decode())

@@ -148,3 +148,26 @@ def test_local_contrastive_loss_memory_is_linear_in_world_size_at_fixed_per_rank
     assert 3 < local[32] / local[8] <= 4
     assert naive[32] / naive[8] > 10
     assert distributed.gather_with_grad is original_gather  # the simulation is undone
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_runs_end_to_end_on_the_cpu(tmp_path):
+    """`make bench-gpu`'s smoke mode: FLOPs, MFU, peak memory and decode rate, both tools."""
+    out = tmp_path / "gpu.json"
+    result = subprocess.run(
+        [sys.executable, "bench/gpu.py", "--device", "cpu", "--quick", "--skip-runs",
+         "--output", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    payload = json.loads(out.read_text())
+    assert payload["bf16_matmul_peak_tflops"] > 0
+    assert sorted(payload["models"]) == ["vlp-tiny-clip", "vlp-tiny-coca"]
+    for model, m in payload["models"].items():
+        for tool in ("vlp", "open_clip"):
+            assert m[tool]["gflop_per_sample"] > 0 and m[tool]["peak_memory_mb"] > 0, model
+            assert 0 < m[tool]["mfu"] < 1 and m[tool]["samples_per_s"] > 0, model
+        assert m["decode_per_core_samples_per_s"] > 0
+    coca = payload["models"]["vlp-tiny-coca"]
+    # open_clip decodes and projects the whole context; vlp only up to the longest caption
+    assert coca["vlp"]["gflop_per_sample"] < coca["open_clip"]["gflop_per_sample"]
