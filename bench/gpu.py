@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     for model in models:
         per_model[model] = in_process(model, device, args.batch_size, args.steps, peak, shards)
         print_model(model, per_model[model])
-    runs = None if args.skip_runs else training_runs(args, models, per_model, peak)
     out = args.output or (WORK / NAME / f"{NAME}.json" if args.quick else RESULTS / f"{NAME}.json")
+    runs = None if args.skip_runs else training_runs(args, models, per_model, peak, out)
     payload = {
         "benchmark": NAME,
         "command": " ".join(["bench/gpu.py", *(sys.argv[1:] if argv is None else argv)]),
@@ -293,9 +293,10 @@ def decode_rate(shards: Path, transform, limit: int = 200) -> float:
     return round(len(images) / (time.perf_counter() - start), 1)
 
 
-def training_runs(args, models: list[str], per_model: dict[str, Any], peak: float):
-    """Whole runs of both tools (bench/train_vs_open_clip.py) and their MFU and decode needs."""
-    path = (WORK / NAME if args.quick else RESULTS) / f"{NAME}_train_vs_open_clip.json"
+def training_runs(args, models: list[str], per_model: dict[str, Any], peak: float, out: Path):
+    """Whole runs of both tools (bench/train_vs_open_clip.py) and their MFU and decode needs;
+    the runs' own results go beside `out`."""
+    path = out.with_name(f"{out.stem}_train_vs_open_clip.json")
     command = [
         "--models", *models, "--device", args.device, "--precision", "bf16",
         "--batch-size", str(args.batch_size), "--clip-samples", str(args.samples),

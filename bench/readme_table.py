@@ -81,12 +81,43 @@ def retrieval_rows(d: dict[str, Any]) -> list[Row]:
     return [("Exact retrieval, 100k x 100k, 2 cores", "N x N scores", "bounded", note)]
 
 
+def loss_memory_rows(d: dict[str, Any]) -> list[Row]:
+    both = [r for r in d["fixed_per_rank_batch"] if "naive_mib" in r][-1]
+    largest = d["fixed_per_rank_batch"][-1]
+    note = (
+        f"{both['local_mib']:.0f} vs {both['naive_mib']:.0f} MiB; at {largest['world']} "
+        f"processes {largest['local_mib']:.0f} MiB (linear in processes)"
+    )
+    what = f"Contrastive loss memory, rank 0 of {both['world']} x {both['per_rank_batch']}"
+    return [(what, "full N x N logits", f"{both['local_mib'] / both['naive_mib']:.2f}x", note)]
+
+
+def gpu_rows(d: dict[str, Any]) -> list[Row]:
+    """MFU of whole training runs (in-process steps when there were no runs)."""
+    device, rows = d["machine"]["device"], []
+    for model, m in d["models"].items():
+        runs = (d.get("training_runs") or {}).get(model)
+        mfu = {t: (runs or m)[t]["mfu"] for t in ("vlp", "open_clip")}
+        where = "training runs" if runs else "in-process step"
+        note = (
+            f"{mfu['vlp']:.1%} vs {mfu['open_clip']:.1%} of a measured "
+            f"{d['bf16_matmul_peak_tflops']:.0f} TFLOP/s ({where}); peak memory "
+            f"{m['vlp']['peak_memory_mb']:.0f} vs {m['open_clip']['peak_memory_mb']:.0f} MB"
+        )
+        what = f"MFU {model}/bf16, batch {m['batch_size']}, {device}"
+        rows.append((what, "open_clip_train", f"{mfu['vlp'] / mfu['open_clip']:.2f}x", note))
+    return rows
+
+
 SOURCES: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "shard_vs_img2dataset.json": shard_rows,
     "train_vs_open_clip.json": train_rows,
     "train_vs_open_clip_cuda.json": train_rows,
     "eval_vs_clip_benchmark.json": eval_rows,
     "retrieval_scale.json": retrieval_rows,
+    "loss_memory.json": loss_memory_rows,
+    "gpu_train_vs_open_clip.json": train_rows,
+    "gpu.json": gpu_rows,
 }
 
 

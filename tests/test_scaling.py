@@ -79,7 +79,7 @@ def shards(tmp_path_factory) -> str:
     return str(out / "train" / "{00000..00007}.tar")
 
 
-def _train(launcher: list[str], shards: str, run_dir: Path) -> dict:
+def _train(launcher: list[str], shards: str, run_dir: Path, *extra: str) -> dict:
     """Train the tiny CoCa for STEPS steps (no evaluators); return the final checkpoint."""
     run_dir.parent.mkdir(parents=True)
     config = run_dir.parent / "base.yaml"
@@ -89,7 +89,7 @@ def _train(launcher: list[str], shards: str, run_dir: Path) -> dict:
         f"data.train_shards={shards}", f"run.output_dir={run_dir}", "run.trackers=[]",
         "data.batch_size=4", "data.workers=1", "data.shuffle_buffer=30",
         f"train.steps={STEPS}", "train.warmup_steps=1", "train.grad_accum=2",
-        "train.deterministic=true", f"checkpoint.every_steps={STEPS}", "resume=null",
+        "train.deterministic=true", f"checkpoint.every_steps={STEPS}", "resume=null", *extra,
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -122,6 +122,11 @@ def test_ddp_config_trains_two_processes_as_torchrun_does(shards, tmp_path):
     assert launched["meta"]["data"]["stream"]["processes"] == 2
     assert launched["meta"]["samples_seen"] == STEPS * 4 * 2 * 2
     _assert_same(launched, reference)
+    # the same run keeping the whole contrastive batch over both micro-batches (and ranks)
+    cached = _train(torchrun, shards, tmp_path / "cache" / "run", "train.grad_cache=true")
+    assert cached["weights"].keys() == reference["weights"].keys()
+    assert any(not t.equal(reference["weights"][n]) for n, t in cached["weights"].items())
+    assert all(t.isfinite().all() for t in cached["weights"].values())
 
 
 @pytest.mark.slow

@@ -88,6 +88,9 @@ class TrainConfig:
     """Clip the global gradient norm (0 = off)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
+    grad_cache: bool = False
+    """With grad_accum > 1: the contrastive loss sees all grad_accum micro-batches at once, as
+    one large batch (GradCache: one more forward pass per micro-batch; docs/scaling.md)."""
     precision: str = "fp32"
     """fp32 | bf16 (autocast; weights and optimizer state stay fp32)."""
     seed: int = 0

@@ -32,6 +32,7 @@ from vlp.config import Config, ConfigError, load_config, to_dict, to_yaml  # noq
 from vlp.data import format as fmt  # noqa: E402
 from vlp.data.pipeline import Batch, Position, build_loader  # noqa: E402
 from vlp.data.shards import DataError, expand_shards  # noqa: E402
+from vlp.gradcache import coupled_terms, grad_cache_step  # noqa: E402
 from vlp.metrics import MetricsLogger, is_time  # noqa: E402
 from vlp.model import build_model  # noqa: E402
 from vlp.objectives import WeightedObjective  # noqa: E402
@@ -65,6 +66,11 @@ class Trainer:
             raise ConfigError(
                 f"objectives.caption.weight={cfg.objectives.caption.weight} but model "
                 f"{cfg.model.name} has no text decoder: set it to 0 or use a CoCa model"
+            )
+        if cfg.train.grad_cache and not coupled_terms(self.objective):
+            raise ConfigError(
+                "train.grad_cache=true needs a term that couples the batch (the contrastive "
+                "loss with a non-zero weight); set it to false"
             )
         if cfg.train.compile:
             model = torch.compile(model)
@@ -194,19 +200,10 @@ class Trainer:
         )
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        totals: dict[str, Any] = {}
-        wait = 0.0
-        for micro in range(train_cfg.grad_accum):
-            started = time.perf_counter()
-            batch: Batch = next(batches)
-            wait += time.perf_counter() - started
-            self.positions[batch.worker] = batch.position
-            sync = micro == train_cfg.grad_accum - 1  # all-reduce gradients on the last only
-            with contextlib.nullcontext() if sync else acc.no_sync(self.model):
-                loss, logs = self._loss(batch)
-                acc.backward(loss / train_cfg.grad_accum)
-            for name, value in logs.items():
-                totals[name] = totals.get(name, 0.0) + value / train_cfg.grad_accum
+        if train_cfg.grad_cache and train_cfg.grad_accum > 1:
+            totals, wait = self._grad_cache_micro_steps(batches)
+        else:
+            totals, wait = self._micro_steps(batches)
         if train_cfg.grad_clip > 0:
             totals["grad_norm"] = acc.clip_grad_norm_(self.model.parameters(), train_cfg.grad_clip)
         self.optimizer.step()
@@ -217,19 +214,65 @@ class Trainer:
         totals["logit_scale"] = clip.logit_scale.detach().exp()
         return totals, wait
 
-    def _loss(self, batch: Batch):
+    def _micro_steps(self, batches) -> tuple[dict[str, Any], float]:
+        """Backward over grad_accum micro-batches, each its own loss; (mean logs, wait)."""
+        acc, accum = self.accelerator, self.cfg.train.grad_accum
+        totals: dict[str, Any] = {}
+        wait = 0.0
+        for micro in range(accum):
+            batch, seconds = self._next(batches)
+            wait += seconds
+            sync = micro == accum - 1  # all-reduce gradients on the last only
+            with contextlib.nullcontext() if sync else acc.no_sync(self.model):
+                loss, logs = self._loss(batch)
+                acc.backward(loss / accum)
+            for name, value in logs.items():
+                totals[name] = totals.get(name, 0.0) + value / accum
+        return totals, wait
+
+    def _grad_cache_micro_steps(self, batches) -> tuple[dict[str, Any], float]:
+        """train.grad_cache: the coupled terms see all micro-batches at once (vlp/gradcache.py)."""
+        micro_batches, wait = [], 0.0
+        for _ in range(self.cfg.train.grad_accum):
+            batch, seconds = self._next(batches)
+            micro_batches.append(batch)
+            wait += seconds
+        acc = self.accelerator
+        logs = grad_cache_step(
+            self._forward,
+            self.objective,
+            micro_batches,
+            acc.backward,
+            lambda: acc.no_sync(self.model),
+        )
+        self._check_finite(logs["loss/total"], logs)
+        return logs, wait
+
+    def _next(self, batches) -> tuple[Batch, float]:
+        """The next batch, the seconds spent waiting for it; records its data position."""
+        started = time.perf_counter()
+        batch: Batch = next(batches)
+        self.positions[batch.worker] = batch.position
+        return batch, time.perf_counter() - started
+
+    def _forward(self, batch: Batch):
         device = self.accelerator.device
         decoder = batch.decoder_text
-        out = self.model(
+        return self.model(
             batch.images.to(device, non_blocking=True),
             batch.text.to(device, non_blocking=True),
             None if decoder is None else decoder.to(device, non_blocking=True),
         )
-        loss, logs = self.objective(out, batch)
+
+    def _loss(self, batch: Batch):
+        loss, logs = self.objective(self._forward(batch), batch)
+        self._check_finite(loss, logs)
+        return loss, logs
+
+    def _check_finite(self, loss, logs: dict[str, Any]) -> None:
         if not torch.isfinite(loss):
             terms = ", ".join(f"{k} {v.item():.4g}" for k, v in logs.items())
             raise NonFiniteLoss(f"non-finite loss at step {self.step + 1}: {terms}")
-        return loss, logs
 
     def _skipped(self) -> Counter:
         """Skipped samples by reason across this process's workers."""

@@ -32,6 +32,9 @@ def clip_loss(image_emb: Tensor, text_emb: Tensor, scale: Tensor) -> Tensor:
 
 @OBJECTIVES.register("contrastive")
 class ContrastiveObjective:
+    batch_coupled = True
+    """Every row's loss depends on every other row: train.grad_cache keeps the whole batch."""
+
     def __init__(self, cfg: Any):
         self.max_log_scale = math.log(cfg.max_logit_scale)
 
