@@ -40,6 +40,7 @@ bench: $(STAMP) ## run the CPU benchmarks against their peers; results in bench/
 	$(PY) bench/eval_vs_clip_benchmark.py
 	$(PY) bench/retrieval_scale.py
 	$(PY) bench/loss_memory.py
+	$(PY) bench/step_costs.py
 	$(PY) bench/readme_table.py
 
 GPU_PY ?= python3
