@@ -43,11 +43,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", default=None, help=f"default: {MODELS}")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
     parser.add_argument("--batch-size", type=int, default=256, help="per step, both tools")
-    parser.add_argument("--samples", type=int, default=25_600, help="per CLIP training run")
-    parser.add_argument("--coca-samples", type=int, default=12_800, help="per CoCa run")
+    parser.add_argument("--samples", type=int, default=32_768, help="per CLIP training run")
+    parser.add_argument("--coca-samples", type=int, default=16_384, help="per CoCa run")
     parser.add_argument("--repeats", type=int, default=2, help="alternating rounds per model")
     parser.add_argument("--workers", type=int, default=8, help="data workers, both tools")
-    parser.add_argument("--demo-samples", type=int, default=30_000)
+    parser.add_argument("--demo-samples", type=int, default=40_000)
     parser.add_argument("--image-size", type=int, default=224, help="demo shard image size")
     parser.add_argument("--steps", type=int, default=10, help="timed in-process steps")
     parser.add_argument("--peer-site", default="", metavar="DIR", help="see train_vs_open_clip")
@@ -64,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         args.workers, args.demo_samples, args.image_size, args.steps = 1, 1000, 32, 2
     models = args.models or (QUICK_MODELS if args.quick else MODELS)
     settings = run_settings(args)
+    for samples in (args.samples, args.coca_samples):
+        if samples % (args.batch_size * args.workers) or samples > args.demo_samples:
+            raise SystemExit(
+                f"{NAME}: samples per run must be a multiple of batch x workers (open_clip "
+                "rounds its epoch to whole batches per worker) and at most --demo-samples"
+            )
     shards = tvo.ensure_demo_shards(settings)
     import torch
 
@@ -115,8 +121,8 @@ def sync(device) -> None:
 
 
 def matmul_peak(device, quick: bool) -> float:
-    """Best bf16 FLOP/s over square GEMMs (the issue's denominator: about 790 TFLOP/s on an
-    H100 by this measure, against the 989 dense the data sheet gives)."""
+    """Best bf16 FLOP/s over square GEMMs: what this device's matmuls reach, rather than the
+    data sheet's figure (989 TFLOP/s dense for an H100 SXM; about 790 is the usual measure)."""
     import torch
 
     sizes = [512, 1024] if quick or device.type == "cpu" else [4096, 8192, 16384]
