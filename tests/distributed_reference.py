@@ -19,12 +19,15 @@ CAPTIONS = [
 ]
 
 
-def build():
+def build(overrides: list[str] | tuple[str, ...] = ()):
+    """The model and objective; `overrides` are config overrides of the objectives."""
     register_model_configs()
     torch.manual_seed(0)
     clip = open_clip.create_model("vlp-tiny-coca").double()
-    cfg = load_config(None, ["data.train_shards=x", "objectives.caption.weight=2"])
-    return VLPModel(clip, pad_id=clip.pad_id), WeightedObjective(cfg.objectives)
+    cfg = load_config(None, ["data.train_shards=x", "objectives.caption.weight=2", *overrides])
+    model, objective = VLPModel(clip, pad_id=clip.pad_id), WeightedObjective(cfg.objectives)
+    objective.prepare_model(model)
+    return model, objective
 
 
 def batch():

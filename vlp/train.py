@@ -66,6 +66,7 @@ class Trainer:
                 f"objectives.caption.weight={cfg.objectives.caption.weight} but model "
                 f"{cfg.model.name} has no text decoder: set it to 0 or use a CoCa model"
             )
+        self.objective.prepare_model(model)
         if cfg.train.compile:
             model = torch.compile(model)
         optimizer = build_optimizer(model, cfg.train)
