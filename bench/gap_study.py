@@ -51,6 +51,7 @@ METRICS = (
     "text_retrieval_recall@1",
     "image_retrieval_recall@1",
 )
+CURVE = ("gap", "linear_separability", "uniformity", "alignment", "text_retrieval_recall@1")
 PAPER = {  # methods/dreamlip_gap.md §2.5: MS-COCO val, ViT-B/32 fine-tuned, τ = 0.01, batch 64
     (128, "CLIP"): (0.661, 0.567, 1.000, 0.276, 0.268),
     (128, "CUA"): (0.082, 0.728, 0.726, 0.258, 0.254),
@@ -82,7 +83,7 @@ def main() -> None:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=150, help="optimizer steps per run")
+    parser.add_argument("--steps", type=int, default=120, help="optimizer steps per run")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--temperature", type=float, default=0.01, help="fixed temperature")
@@ -166,7 +167,7 @@ def write_model_configs() -> Path:
 
 def train_and_score(args, dataset, data, dim, variant, overrides, models) -> dict[str, Any]:
     run_dir = GAP_WORK / "runs" / f"{dataset}-d{dim}-{variant}"
-    every = max(1, args.steps // 5)
+    every = max(1, args.steps // 4)
     settings = [
         f"model.name=gap-tiny-clip-d{dim}",
         f"model.config_dirs=[{models}]",
@@ -207,19 +208,25 @@ def train_and_score(args, dataset, data, dim, variant, overrides, models) -> dic
     }
 
 
-def final_metrics(path: Path) -> dict[str, float]:
-    """The last evaluation's headline metrics; eval/<set>/<metric> keys, set names dropped."""
+def final_metrics(path: Path) -> dict[str, Any]:
+    """The last evaluation's headline metrics (set names dropped), and the geometry curve."""
     last: dict[str, float] = {}
+    curve = []
     for line in path.read_text().splitlines():
         record = json.loads(line)
         last.update({k: v for k, v in record.items() if k.startswith("eval/")})
+        if "eval/retrieval/gap" in record:
+            point = {m: round(record[f"eval/retrieval/{m}"], 4) for m in CURVE}
+            curve.append({"step": record["step"], **point})
     wanted = {"eval/zeroshot/acc1": "zeroshot_acc1"}
     wanted.update({f"eval/retrieval/{m}": m for m in METRICS})
-    return {name: round(last[key], 4) for key, name in wanted.items() if key in last}
+    final = {name: round(last[key], 4) for key, name in wanted.items() if key in last}
+    return {**final, "curve": curve}
 
 
 def summary_line(run: dict[str, Any]) -> str:
-    shown = ", ".join(f"{k} {v}" for k, v in run.items() if k not in ("dataset", "dim", "variant"))
+    skip = ("dataset", "dim", "variant", "curve")
+    shown = ", ".join(f"{k} {v}" for k, v in run.items() if k not in skip)
     return f"{run['dataset']} d{run['dim']} {run['variant']}: {shown}"
 
 
