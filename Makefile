@@ -39,6 +39,7 @@ bench: $(STAMP) ## run the CPU benchmarks against their peers; results in bench/
 	$(PY) bench/train_vs_open_clip.py
 	$(PY) bench/eval_vs_clip_benchmark.py
 	$(PY) bench/retrieval_scale.py
+	$(PY) bench/gap_study.py
 	$(PY) bench/readme_table.py
 
 lint: $(STAMP) ## check style with ruff

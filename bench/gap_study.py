@@ -68,6 +68,9 @@ PAPER_KEYS = ("gap", "matched_cosine", "linear_separability", "i2t_r1", "t2i_r1"
 
 def main() -> None:
     args = parse_args()
+    if args.readme_only:
+        update_readme(json.loads((RESULTS / "gap_study.json").read_text()))
+        return
     datasets = prepare_datasets(args)
     models = write_model_configs()
     runs = []
@@ -77,8 +80,11 @@ def main() -> None:
                 runs.append(train_and_score(args, dataset, data, dim, variant, overrides, models))
                 print(summary_line(runs[-1]), flush=True)
     out = (GAP_WORK / "gap_study.json") if args.quick else RESULTS / "gap_study.json"
-    write_results(out, payload(args, runs))
+    results = payload(args, runs)
+    write_results(out, results)
     print(f"wrote {out}")
+    if not args.quick:
+        update_readme(results)
 
 
 def parse_args() -> argparse.Namespace:
@@ -256,6 +262,75 @@ def payload(args: argparse.Namespace, runs: list[dict[str, Any]]) -> dict[str, A
             ],  # fmt: skip
         },
     }
+
+
+README_START, README_END = "<!-- GAP:START (bench/gap_study.py) -->", "<!-- GAP:END -->"
+COLUMNS = {"demo": "demo", "fashion-mnist": "F-MNIST"}
+
+
+GEOMETRY_COLUMNS = {
+    "gap": ("gap", "gap"),
+    "matched cos": ("matched_cosine", "matched_cosine"),
+    "lin. sep.": ("linear_separability", "linear_separability"),
+}
+DOWNSTREAM_COLUMNS = {
+    "i→t R@1": ("text_retrieval_recall@1", "i2t_r1"),
+    "t→i R@1": ("image_retrieval_recall@1", "t2i_r1"),
+}
+"""Table column -> (our key, the paper row's key)."""
+
+
+def tables(results: dict[str, Any]) -> str:
+    """Geometry and downstream tables: the paper's value beside ours on each dataset."""
+    ours = {(r["dataset"], r["dim"], r["variant"]): r for r in results["runs"]}
+    paper = {(r["dim"], r["variant"]): r for r in results["paper"]["rows"]}
+    sets = [d for d in COLUMNS if any(key[0] == d for key in ours)]
+    acc1 = [f"acc1: {COLUMNS[d]}" for d in sets]
+    geometry = _header(GEOMETRY_COLUMNS, sets, [])
+    downstream = _header(DOWNSTREAM_COLUMNS, sets, acc1)
+    for dim in sorted({key[1] for key in ours}, reverse=True):
+        for variant in VARIANTS:
+            runs = [ours.get((d, dim, variant)) for d in sets]
+            ref = paper.get((dim, variant))
+            zero_shot = [_cell(r, "zeroshot_acc1") for r in runs]
+            geometry.append(_row([dim, variant, *_cells(GEOMETRY_COLUMNS, ref, runs)]))
+            downstream.append(
+                _row([dim, variant, *_cells(DOWNSTREAM_COLUMNS, ref, runs), *zero_shot])
+            )
+    return "\n".join(geometry) + "\n\n" + "\n".join(downstream)
+
+
+def _header(columns: dict[str, Any], sets: list[str], extra: list[str]) -> list[str]:
+    sources = ["paper", *(COLUMNS[d] for d in sets)]
+    cells = ["D", "loss", *(f"{name}: {src}" for name in columns for src in sources), *extra]
+    return [_row(cells), "|" + " --- |" * len(cells)]
+
+
+def _cells(columns: dict[str, Any], ref: dict | None, runs: list[dict | None]) -> list[str]:
+    cells = []
+    for ours_key, paper_key in columns.values():
+        cells += [_cell(ref, paper_key), *(_cell(r, ours_key) for r in runs)]
+    return cells
+
+
+def _cell(source: dict[str, Any] | None, key: str) -> str:
+    return f"{source[key]:.3f}" if source and key in source else "–"
+
+
+def _row(cells: list[Any]) -> str:
+    return "| " + " | ".join(map(str, cells)) + " |"
+
+
+def update_readme(results: dict[str, Any]) -> None:
+    readme = REPO / "README.md"
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        print(f"README.md has no {README_START} ... {README_END} block; tables:\n{tables(results)}")
+        return
+    head, rest = text.split(README_START, 1)
+    tail = rest.split(README_END, 1)[1]
+    readme.write_text(f"{head}{README_START}\n{tables(results)}\n{README_END}{tail}")
+    print("updated the tables in README.md")
 
 
 if __name__ == "__main__":
