@@ -136,11 +136,15 @@ def test_fixed_temperature_sets_and_freezes_the_logit_scale():
         ("objectives.contrastive.fixed_temperature=0", "fixed_temperature: must be positive"),
         ("objectives.uniformity.t=-1", "objectives.uniformity.t: must be positive"),
         ("objectives.cross_uniformity.t=0", "objectives.cross_uniformity.t: must be positive"),
+        (
+            "objectives.uniformity.weight=1 data.batch_size=1",
+            "data.batch_size: must be at least 2 with objectives.uniformity",
+        ),
     ],
 )
 def test_bad_gap_settings_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
-        objective(override)
+        objective(*override.split())
 
 
 @pytest.mark.slow

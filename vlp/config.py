@@ -225,6 +225,12 @@ def _validate(cfg: Config) -> None:
             "objectives.contrastive.fixed_temperature",
             "positive (e.g. 0.01) or null for a learnable temperature",
         ),
+        (
+            cfg.data.batch_size >= 2
+            or not (cfg.objectives.uniformity.weight or cfg.objectives.cross_uniformity.weight),
+            "data.batch_size",
+            "at least 2 with objectives.uniformity or cross_uniformity (they compare pairs)",
+        ),
         (cfg.objectives.uniformity.t > 0, "objectives.uniformity.t", "positive"),
         (cfg.objectives.cross_uniformity.t > 0, "objectives.cross_uniformity.t", "positive"),
         (
