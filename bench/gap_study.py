@@ -12,7 +12,7 @@ curves are in each run's metrics.jsonl):
 Variants: CLIP = contrastive; CUA = + uniformity + alignment; CUAXU = CUA + cross_uniformity
 (every weight 1). Results: bench/results/gap_study.json (or bench/.work/ with --quick).
 
-    .venv/bin/python bench/gap_study.py                 # 18 runs, about 30 min on 2 CPU cores
+    .venv/bin/python bench/gap_study.py                 # 18 runs, about an hour on 2 shared CPU cores
     .venv/bin/python bench/gap_study.py --quick         # 10 steps per run, a smoke test
 """
 
@@ -99,6 +99,9 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--quick", action="store_true", help="10 steps per run; results in bench/.work"
+    )
+    parser.add_argument(
+        "--readme-only", action="store_true", help="only rewrite the README tables from the results"
     )
     args = parser.parse_args()
     if args.quick:
