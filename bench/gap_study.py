@@ -12,8 +12,8 @@ curves are in each run's metrics.jsonl):
 Variants: CLIP = contrastive; CUA = + uniformity + alignment; CUAXU = CUA + cross_uniformity
 (every weight 1). Results: bench/results/gap_study.json (or bench/.work/ with --quick).
 
-    .venv/bin/python bench/gap_study.py                 # 18 runs, about an hour on 2 shared CPU cores
-    .venv/bin/python bench/gap_study.py --quick         # 10 steps per run, a smoke test
+    .venv/bin/python bench/gap_study.py             # 18 runs, about an hour on 2 shared cores
+    .venv/bin/python bench/gap_study.py --quick     # 10 steps per run, a smoke test
 """
 
 from __future__ import annotations
