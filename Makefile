@@ -41,6 +41,7 @@ bench: $(STAMP) ## run the CPU benchmarks against their peers; results in bench/
 	$(PY) bench/retrieval_scale.py
 	$(PY) bench/loss_memory.py
 	$(PY) bench/step_costs.py
+	$(PY) bench/gap_study.py
 	$(PY) bench/readme_table.py
 
 GPU_PY ?= python3

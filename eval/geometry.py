@@ -2,9 +2,10 @@
 
 Definitions follow Fahim et al., "It's Not a Modality Gap" (design/methods/dreamlip_gap.md §2.4).
 x_i, y_i are the image and text embeddings of pair i; every function below takes (N, D) rows
-that are already L2-normalised, is plain differentiable torch (the training loop calls them on
-batches, and the gap-closing objectives reuse `uniformity`, `cross_uniformity` and
-`alignment`), and needs O(chunk_size · N) memory, never O(N²).
+that are already L2-normalised, is plain differentiable torch and needs O(chunk_size · N)
+memory, never O(N²).
+`alignment`, `uniformity` and `cross_uniformity` are the training objectives' own functions
+(vlp.objectives.geometry), so what is reported is exactly what the gap-closing terms optimise.
 `geometry_metrics` normalises raw embeddings and computes them all.
 """
 
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-DEFAULT_CHUNK = 1024
+from vlp.objectives.geometry import alignment, cross_uniformity, uniformity
 
 
 def modality_gap(x: Tensor, y: Tensor) -> Tensor:
@@ -31,11 +32,6 @@ def centroid_cosine(x: Tensor, y: Tensor) -> Tensor:
     return F.cosine_similarity(x.mean(dim=0), y.mean(dim=0), dim=0)
 
 
-def alignment(x: Tensor, y: Tensor) -> Tensor:
-    """mean_i ‖x_i − y_i‖² (= 2 − 2·matched cosine for unit vectors); always ≥ gap²."""
-    return (x - y).pow(2).sum(dim=1).mean()
-
-
 def matched_cosine(x: Tensor, y: Tensor) -> Tensor:
     """mean_i x_i·y_i."""
     return (x * y).sum(dim=1).mean()
@@ -46,45 +42,6 @@ def nonmatched_cosine(x: Tensor, y: Tensor) -> Tensor:
     n = x.shape[0]
     total = x.sum(dim=0) @ y.sum(dim=0)
     return (total - (x * y).sum()) / (n * (n - 1))
-
-
-def _squared_distances(a: Tensor, b: Tensor) -> Tensor:
-    """(A, D), (B, D) -> (A, B) ‖a_i − b_j‖²; no sqrt, so gradients stay finite at 0."""
-    return (a.pow(2).sum(1)[:, None] + b.pow(2).sum(1)[None, :] - 2 * a @ b.T).clamp_min(0)
-
-
-def _log_mean_exp_pairs(a: Tensor, b: Tensor, t: float, keep: str, chunk_size: int) -> Tensor:
-    """log mean over pairs (i, j) of exp(−t‖a_i − b_j‖²), pairs j > i ("upper") or j ≠ i.
-
-    Computed per block of rows with log-sum-exp, so any t and any N is stable and the
-    memory is chunk_size × N.
-    """
-    n = a.shape[0]
-    num_pairs = n * (n - 1) // 2 if keep == "upper" else n * (n - 1)
-    if num_pairs == 0:
-        return a.new_tensor(math.nan)
-    columns = torch.arange(n, device=a.device)
-    block_sums = []
-    for start in range(0, n, chunk_size):
-        rows = torch.arange(start, min(start + chunk_size, n), device=a.device)
-        mask = columns[None, :] > rows[:, None] if keep == "upper" else columns != rows[:, None]
-        if not mask.any():  # the last row has no j > i
-            continue
-        values = -t * _squared_distances(a[rows], b)
-        block_sums.append(torch.logsumexp(values[mask], dim=0))
-    return torch.logsumexp(torch.stack(block_sums), dim=0) - math.log(num_pairs)
-
-
-def uniformity(x: Tensor, t: float = 2.0, chunk_size: int = DEFAULT_CHUNK) -> Tensor:
-    """log mean_{i<j} exp(−t‖x_i − x_j‖²); −4 for orthonormal points, 0 when all coincide."""
-    return _log_mean_exp_pairs(x, x, t, "upper", chunk_size)
-
-
-def cross_uniformity(
-    x: Tensor, y: Tensor, t: float = 2.0, chunk_size: int = DEFAULT_CHUNK
-) -> Tensor:
-    """log mean_{i≠j} exp(−t‖x_i − y_j‖²) over the N(N−1) non-matching ordered pairs."""
-    return _log_mean_exp_pairs(x, y, t, "different", chunk_size)
 
 
 def effective_rank(x: Tensor) -> Tensor:

@@ -1,7 +1,8 @@
 """Run by tests/test_distributed.py under `torchrun --nproc_per_node 2`.
 
-Each rank takes its half of a fixed batch, runs the real model + objectives through accelerate's
-DDP, and writes the loss (averaged over ranks) and every averaged parameter gradient to OUT.
+`python -m tests.distributed_worker OUT [OVERRIDE ...]`: each rank takes its half of a fixed
+batch, runs the real model + objectives (config OVERRIDEs) through accelerate's DDP, and writes
+the loss (averaged over ranks) and every averaged parameter gradient to OUT.
 """
 
 import sys
@@ -12,9 +13,9 @@ from tests.distributed_reference import batch, build, loss_and_grads
 from vlp.distributed import new_accelerator
 
 
-def main(out: str) -> None:
+def main(out: str, *overrides: str) -> None:
     accelerator = new_accelerator()
-    model, objective = build()
+    model, objective = build(overrides)
     model = accelerator.prepare(model)
     images, text = batch()
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -26,4 +27,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

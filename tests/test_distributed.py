@@ -15,8 +15,18 @@ from tests.distributed_reference import batch, build, loss_and_grads
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+GAP_TERMS = [
+    "objectives.uniformity.weight=1",
+    "objectives.alignment.weight=0.5",
+    "objectives.cross_uniformity.weight=1",
+    "objectives.contrastive.fixed_temperature=0.01",
+]
+"""CUAXU at the fixed temperature: terms on the gathered global batch, computed on every rank."""
+
+
 @pytest.mark.slow
-def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
+@pytest.mark.parametrize("overrides, port", [([], 29517), (GAP_TERMS, 29518)], ids=["clip", "gap"])
+def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path, overrides, port):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     out = tmp_path / "two.pt"
     result = subprocess.run(
@@ -25,10 +35,11 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
             "--nproc_per_node",
             "2",
             "--master_port",
-            "29517",
+            str(port),
             "-m",
             "tests.distributed_worker",
             str(out),
+            *overrides,
         ],
         cwd=REPO,
         capture_output=True,
@@ -37,7 +48,7 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     two = torch.load(out)
-    model, objective = build()
+    model, objective = build(overrides)
     loss, grads = loss_and_grads(model, objective, *batch())
     torch.testing.assert_close(two["loss"], loss.detach(), atol=1e-6, rtol=0)
     assert two["grads"].keys() == grads.keys() and len(grads) > 20

@@ -106,6 +106,9 @@ class ContrastiveConfig:
     weight: float = 1.0
     max_logit_scale: float = 100.0
     """The learnable temperature's scale exp(logit_scale) is clamped to [1, this]."""
+    fixed_temperature: float | None = None
+    """Fix the temperature to this value instead of learning it (the contrastive-gap recipe
+    uses 0.01, i.e. scale 100); the model's logit_scale is set to ln(1/this) and frozen."""
 
 
 @dataclass
@@ -116,9 +119,35 @@ class CaptionConfig:
 
 
 @dataclass
+class AlignmentConfig:
+    weight: float = 0.0
+    """mean_i ‖x_i − y_i‖² of matched image/text embeddings over the global batch (CUA: 1.0)."""
+
+
+@dataclass
+class UniformityConfig:
+    weight: float = 0.0
+    """In-modal uniformity, the mean of the image and the text one, over the global batch
+    (CUA: 1.0)."""
+    t: float = 2.0
+    """Kernel sharpness: log mean_{i<j} exp(−t‖x_i − x_j‖²)."""
+
+
+@dataclass
+class CrossUniformityConfig:
+    weight: float = 0.0
+    """Cross-modal uniformity log mean_{i≠j} exp(−t‖x_i − y_j‖²) over the global batch
+    (CUAXU: 1.0, with uniformity and alignment)."""
+    t: float = 2.0
+
+
+@dataclass
 class ObjectivesConfig:
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
+    alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
+    uniformity: UniformityConfig = field(default_factory=UniformityConfig)
+    cross_uniformity: CrossUniformityConfig = field(default_factory=CrossUniformityConfig)
 
     def active(self) -> dict[str, Any]:
         """Terms with a non-zero weight, by name; a zero weight means the term is not built."""
@@ -193,6 +222,20 @@ def _validate(cfg: Config) -> None:
             "objectives.contrastive.max_logit_scale",
             "at least 1",
         ),
+        (
+            cfg.objectives.contrastive.fixed_temperature is None
+            or cfg.objectives.contrastive.fixed_temperature > 0,
+            "objectives.contrastive.fixed_temperature",
+            "positive (e.g. 0.01) or null for a learnable temperature",
+        ),
+        (
+            cfg.data.batch_size >= 2
+            or not (cfg.objectives.uniformity.weight or cfg.objectives.cross_uniformity.weight),
+            "data.batch_size",
+            "at least 2 with objectives.uniformity or cross_uniformity (they compare pairs)",
+        ),
+        (cfg.objectives.uniformity.t > 0, "objectives.uniformity.t", "positive"),
+        (cfg.objectives.cross_uniformity.t > 0, "objectives.cross_uniformity.t", "positive"),
         (
             0 <= cfg.objectives.caption.label_smoothing < 1,
             "objectives.caption.label_smoothing",

@@ -72,6 +72,7 @@ class Trainer:
                 "train.grad_cache=true needs a term that couples the batch (the contrastive "
                 "loss with a non-zero weight); set it to false"
             )
+        self.objective.prepare_model(model)
         if cfg.train.compile:
             model = torch.compile(model)
         optimizer = build_optimizer(model, cfg.train)

@@ -19,6 +19,8 @@ from matplotlib.figure import Figure
 EVAL_PREFIX = "eval/"
 GEOMETRY_CURVES = ("gap", "linear_separability", "matched_cosine")
 """Geometry metrics drawn over training (all roughly within [0, 2])."""
+UNIFORMITY_CURVES = ("uniformity", "cross_uniformity", "alignment")
+"""The gap-closing terms' own quantities on the eval pairs (uniformities ≤ 0, alignment ≥ 0)."""
 
 
 @dataclass(frozen=True)
@@ -78,15 +80,19 @@ def training_panels(records: list[dict[str, Any]]) -> list[Panel]:
 
 
 def eval_panels(records: list[dict[str, Any]]) -> list[Panel]:
-    """A panel of scores per eval set, and one of geometry across the sets."""
+    """A panel of scores per eval set; geometry and uniformity/alignment across the sets."""
     keys = [k for k in _keys(records) if k.startswith(EVAL_PREFIX) and k.count("/") == 2]
     names = list(dict.fromkeys(k.split("/")[1] for k in keys))
     panels = [
         Panel(f"eval: {name}", [k for k in keys if _is_score(k, name)], "score", _after_slash)
         for name in names
     ]
-    geometry = [k for k in keys if k.split("/")[2] in GEOMETRY_CURVES]
-    panels.append(Panel("embedding geometry", geometry, "", lambda k: k.removeprefix(EVAL_PREFIX)))
+    for title, metrics in (
+        ("embedding geometry", GEOMETRY_CURVES),
+        ("uniformity and alignment", UNIFORMITY_CURVES),
+    ):
+        chosen = [k for k in keys if k.split("/")[2] in metrics]
+        panels.append(Panel(title, chosen, "", lambda k: k.removeprefix(EVAL_PREFIX)))
     return [p for p in panels if p.keys]
 
 

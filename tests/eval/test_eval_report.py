@@ -39,7 +39,8 @@ def test_curves_group_training_and_eval_keys(tmp_path):
     records = [
         {"step": 10, "loss/total": 3.0, "loss/caption": 1.0, "lr": 1e-4, "samples_per_s": 9.0},
         {"step": 20, "eval/shapes/acc1": 0.5, "eval/shapes/acc5": 0.9, "eval/retrieval/gap": 1.1,
-         "eval/retrieval/image_retrieval_recall@1": 0.2},
+         "eval/retrieval/image_retrieval_recall@1": 0.2, "eval/retrieval/uniformity": -3.1,
+         "eval/retrieval/alignment": 0.9, "eval/retrieval/linear_separability": 0.7},
         ["not", "a", "record"],
     ]  # fmt: skip
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -53,7 +54,8 @@ def test_curves_group_training_and_eval_keys(tmp_path):
     assert [(p.title, p.keys) for p in eval_panels(loaded)] == [
         ("eval: shapes", ["eval/shapes/acc1", "eval/shapes/acc5"]),
         ("eval: retrieval", ["eval/retrieval/image_retrieval_recall@1"]),
-        ("embedding geometry", ["eval/retrieval/gap"]),
+        ("embedding geometry", ["eval/retrieval/gap", "eval/retrieval/linear_separability"]),
+        ("uniformity and alignment", ["eval/retrieval/uniformity", "eval/retrieval/alignment"]),
     ]
 
 

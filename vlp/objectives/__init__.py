@@ -1,7 +1,8 @@
 """Training objectives: registered terms, each an unweighted scalar, combined by weight.
 
 A term is a class registered in OBJECTIVES, built from its own config slice, and called as
-`term(out: ModelOutput, batch: Batch) -> Tensor`. It may define `after_optimizer_step(model)`
+`term(out: ModelOutput, batch: Batch) -> Tensor`. It may define `prepare_model(model)` (run once,
+before the optimizer is built: e.g. to freeze its temperature) and `after_optimizer_step(model)`
 (e.g. to clamp its temperature). `WeightedObjective` builds the terms whose weight is non-zero.
 """
 
@@ -37,11 +38,17 @@ class WeightedObjective:
         logs["loss/total"] = total.detach()
         return total, logs
 
+    def prepare_model(self, model: nn.Module) -> None:
+        self._call_hooks("prepare_model", model)
+
     def after_optimizer_step(self, model: nn.Module) -> None:
+        self._call_hooks("after_optimizer_step", model)
+
+    def _call_hooks(self, hook_name: str, model: nn.Module) -> None:
         for term in self.terms.values():
-            hook = getattr(term, "after_optimizer_step", None)
+            hook = getattr(term, hook_name, None)
             if hook is not None:
                 hook(model)
 
 
-from vlp.objectives import caption, contrastive  # noqa: E402,F401  (registers the terms)
+from vlp.objectives import caption, contrastive, geometry  # noqa: E402,F401  (registers the terms)

@@ -37,10 +37,20 @@ class ContrastiveObjective:
 
     def __init__(self, cfg: Any):
         self.max_log_scale = math.log(cfg.max_logit_scale)
+        self.fixed_temperature = cfg.fixed_temperature
 
     def __call__(self, out: Any, batch: Any) -> Tensor:
         return clip_loss(out.image_emb, out.text_emb, out.logit_scale)
 
     @torch.no_grad()
+    def prepare_model(self, model: nn.Module) -> None:
+        """A fixed temperature is the model's own logit_scale, set and frozen (before the
+        optimizer and DDP see it), so exported weights and evaluation carry it too."""
+        if self.fixed_temperature is not None:
+            model.logit_scale.fill_(math.log(1 / self.fixed_temperature))
+            model.logit_scale.requires_grad_(False)
+
+    @torch.no_grad()
     def after_optimizer_step(self, model: nn.Module) -> None:
-        model.logit_scale.clamp_(0, self.max_log_scale)
+        if self.fixed_temperature is None:
+            model.logit_scale.clamp_(0, self.max_log_scale)
