@@ -11,9 +11,9 @@ from vlp.gradcache import grad_cache_step
 from vlp.model import init_decoder_projection
 
 
-def _build():
+def _build(overrides=()):
     """The shared tiny CoCa, its decoder projection initialised (open_clip leaves it empty)."""
-    model, objective = build()
+    model, objective = build(overrides)
     torch.manual_seed(1)
     init_decoder_projection(model.clip.text_decoder)
     return model, objective
@@ -69,3 +69,25 @@ def test_plain_accumulation_would_not_match():
     for b in _halves(images, text):
         (objective.terms["contrastive"](model(*b), None) / 2).backward()
     assert not torch.allclose(_grads(model)["clip.visual.proj"], whole, atol=1e-6)
+
+
+CUAXU = (
+    "objectives.uniformity.weight=1",
+    "objectives.alignment.weight=1",
+    "objectives.cross_uniformity.weight=1",
+    "objectives.caption.weight=0",
+)
+
+
+def test_gap_terms_see_the_whole_batch():
+    """Uniformity couples every pair of rows, so GradCache must run it on all micro-batches."""
+    model, objective = _build(CUAXU)
+    images, text = batch()
+    objective(model(images, text), None)[0].backward()
+    reference = _grads(model)
+    model, objective = _build(CUAXU)
+    logs = _grad_cache(model, objective, _halves(images, text))
+    assert {"loss/uniformity", "loss/cross_uniformity", "loss/alignment"} <= logs.keys()
+    cached = _grads(model)
+    for name, grad in reference.items():
+        torch.testing.assert_close(cached[name], grad, atol=1e-10, rtol=1e-8, msg=name)

@@ -80,6 +80,8 @@ def _global_pairs(out: Any) -> tuple[Tensor, Tensor]:
 
 @OBJECTIVES.register("alignment")
 class AlignmentObjective:
+    batch_coupled = True  # GradCache computes it on the whole accumulated batch (exact)
+
     def __init__(self, cfg: Any):
         pass
 
@@ -91,6 +93,8 @@ class AlignmentObjective:
 class UniformityObjective:
     """In-modal uniformity: the mean of the image and the text uniformity."""
 
+    batch_coupled = True  # every pair of rows interacts: GradCache must see the whole batch
+
     def __init__(self, cfg: Any):
         self.t = cfg.t
 
@@ -101,6 +105,8 @@ class UniformityObjective:
 
 @OBJECTIVES.register("cross_uniformity")
 class CrossUniformityObjective:
+    batch_coupled = True
+
     def __init__(self, cfg: Any):
         self.t = cfg.t
 
