@@ -7,10 +7,15 @@
 
 Every file goes into a hidden `.step_*.tmp` directory that is renamed when complete, so a run
 killed while saving leaves no directory that `resume=latest` could mistake for a checkpoint.
+Deleting works the other way round: a checkpoint is first renamed to a hidden `.step_*.old` name,
+then removed, so a kill in the middle of a deletion never leaves a half-deleted `step_*`.
+A write that fails (disk full, read-only output) removes the temporary and raises
+CheckpointError naming the newest complete checkpoint, which stays untouched.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -27,6 +32,14 @@ META_FILE = "meta.json"
 EXPORT_FILE = "model.safetensors"
 STATE_DIR = "state"
 VERSIONED = ("vlp", "torch", "open_clip_torch", "accelerate", "webdataset")
+HIDDEN_GLOBS = (".step_*.tmp", ".step_*.old")
+"""Temporaries of interrupted saves and deletions: never loaded, removed by the next save."""
+OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+"""Write failures that mean "this output location cannot take more data": a user-side problem."""
+
+
+class CheckpointError(OSError):
+    """A checkpoint could not be written; the previous one is intact (one line, exit 1)."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -48,23 +61,55 @@ def save(accelerator, model, run_dir: Path, step: int, meta: dict[str, Any], kee
     root = run_dir / CHECKPOINT_DIR
     final = root / checkpoint_name(step)
     temporary = root / f".{final.name}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(temporary, ignore_errors=True)
-        temporary.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(temporary / STATE_DIR))
-    if accelerator.is_main_process:
-        from vlp.model import export_state_dict
-
-        save_file(export_state_dict(accelerator.unwrap_model(model)), temporary / EXPORT_FILE)
-        (temporary / META_FILE).write_text(json.dumps({**meta, "versions": versions()}, indent=2))
-        _fsync_tree(temporary)
-        if final.exists():  # a rerun that reached the same step: replace it whole
-            shutil.rmtree(final)
-        os.replace(temporary, final)
-        _prune(root, keep)
+    try:
+        if accelerator.is_main_process:
+            _remove_hidden(root)
+            temporary.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(temporary / STATE_DIR))
+        if accelerator.is_main_process:
+            _write_files(accelerator, model, temporary, meta)
+            if final.exists():  # a rerun that reached the same step: replace it whole
+                _delete(final)
+            os.replace(temporary, final)
+            _prune(root, keep)
+    except OSError as err:
+        if err.errno not in OUTPUT_ERRNOS:
+            raise
+        shutil.rmtree(temporary, ignore_errors=True)  # give the space back
+        newest = complete_checkpoints(root)
+        kept = f"the newest complete checkpoint {newest[-1]} is intact" if newest else "none"
+        raise CheckpointError(
+            err.errno,
+            f"cannot write checkpoint {final}: {err.strerror or err} "
+            f"({getattr(err, 'filename', None) or final}); {kept}. Free space or fix the "
+            "permissions of run.output_dir, then run again (resume=latest continues from it)",
+        ) from None
     accelerator.wait_for_everyone()
     return final
+
+
+def _write_files(accelerator, model, temporary: Path, meta: dict[str, Any]) -> None:
+    from vlp.model import export_state_dict
+
+    save_file(export_state_dict(accelerator.unwrap_model(model)), temporary / EXPORT_FILE)
+    # meta.json last: a directory is a checkpoint only once it has one (complete_checkpoints)
+    (temporary / META_FILE).write_text(json.dumps({**meta, "versions": versions()}, indent=2))
+    _fsync_tree(temporary)
+
+
+def _delete(checkpoint: Path) -> None:
+    """Rename to a hidden name first: a kill mid-deletion leaves nothing resume could pick."""
+    hidden = checkpoint.with_name(f".{checkpoint.name}.old")
+    shutil.rmtree(hidden, ignore_errors=True)
+    os.replace(checkpoint, hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
+def _remove_hidden(root: Path) -> None:
+    for pattern in HIDDEN_GLOBS:
+        for leftover in root.glob(pattern):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _fsync_tree(directory: Path) -> None:
@@ -77,7 +122,7 @@ def _fsync_tree(directory: Path) -> None:
 
 def _prune(root: Path, keep: int) -> None:
     for old in complete_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _delete(old)
 
 
 def complete_checkpoints(root: Path) -> list[Path]:

@@ -8,7 +8,8 @@ validated `Config`. Every component receives only its own slice (`cfg.data`, `cf
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +209,7 @@ def _validate(cfg: Config) -> None:
         ),
         (cfg.data.decoder_caption in ("raw", "long"), "data.decoder_caption", "raw or long"),
         (bool(cfg.objectives.active()), "objectives", "at least one term with a non-zero weight"),
+        *_number_checks(cfg),
         (
             bool(cfg.data.train_shards) != bool(cfg.data.sources),
             "data.train_shards",
@@ -224,6 +226,34 @@ def _validate(cfg: Config) -> None:
     for ok, key, expected in checks:
         if not ok:
             raise ConfigError(f"{key}: must be {expected}")
+
+
+def _number_checks(cfg: Config) -> list[tuple[bool, str, str]]:
+    """Every float finite (nan and inf parse as floats) and the ranges the optimizer needs."""
+    slices = {
+        "train": cfg.train,
+        "objectives.contrastive": cfg.objectives.contrastive,
+        "objectives.caption": cfg.objectives.caption,
+    }
+    floats = [
+        (f"{section}.{f.name}", getattr(part, f.name))
+        for section, part in slices.items()
+        for f in fields(part)
+        if isinstance(getattr(part, f.name), float)
+    ]
+    floats += [(f"data.sources.{i}.weight", s.weight) for i, s in enumerate(cfg.data.sources)]
+    train = cfg.train
+    return [(math.isfinite(value), key, f"a finite number, not {value}") for key, value in floats] + [
+        (train.lr > 0, "train.lr", f"positive, not {train.lr}"),
+        (0 <= train.min_lr <= train.lr, "train.min_lr", f"in [0, train.lr={train.lr}]"),
+        (train.weight_decay >= 0, "train.weight_decay", "0 or more"),
+        (0 <= train.beta1 < 1 and 0 <= train.beta2 < 1, "train.beta1/beta2", "in [0, 1)"),
+        (train.eps > 0, "train.eps", "positive"),
+        (train.grad_clip >= 0, "train.grad_clip", "0 (off) or more"),
+        (0 <= train.seed < 2**32, "train.seed", f"in [0, 2**32), not {train.seed}"),
+        (cfg.objectives.contrastive.weight >= 0, "objectives.contrastive.weight", "0 or more"),
+        (cfg.objectives.caption.weight >= 0, "objectives.caption.weight", "0 or more"),
+    ]
 
 
 def _eval_checks(evaluators: dict[str, EvalConfig]) -> list[tuple[bool, str, str]]:
@@ -252,6 +282,8 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(_explain(err, schema)) from None
+    except TypeError as err:  # OmegaConf merging a list override into a list node, e.g. x.0.y=1
+        raise ConfigError(f"{' '.join(overrides)}: {err} (set the whole list: key=[...])") from None
 
 
 def _read_yaml(path: Path):
