@@ -23,6 +23,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from vlp.config import ConfigError
@@ -34,11 +35,19 @@ STATE_DIR = "state"
 VERSIONED = ("vlp", "torch", "open_clip_torch", "accelerate", "webdataset")
 HIDDEN_GLOBS = (".step_*.tmp", ".step_*.old")
 """Temporaries of interrupted saves and deletions: never loaded, removed by the next save."""
-OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
-"""Write failures that mean "this output location cannot take more data": a user-side problem."""
+OUTPUT_ERRNOS = {
+    errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG,
+    errno.ENOTDIR, errno.EISDIR,
+}  # fmt: skip
+"""Write failures that mean "this output location cannot take the data": a user-side problem."""
 
 
-class CheckpointError(OSError):
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+"""What a failed write raises: OSError from Python, RuntimeError from torch.save ("unexpected
+pos ..." on a full disk), SafetensorError from safetensors ("I/O error: No space left")."""
+
+
+class CheckpointError(Exception):
     """A checkpoint could not be written; the previous one is intact (one line, exit 1)."""
 
 
@@ -73,20 +82,23 @@ def save(accelerator, model, run_dir: Path, step: int, meta: dict[str, Any], kee
                 _delete(final)
             os.replace(temporary, final)
             _prune(root, keep)
-    except OSError as err:
-        if err.errno not in OUTPUT_ERRNOS:
-            raise
+    except WRITE_ERRORS as err:
         shutil.rmtree(temporary, ignore_errors=True)  # give the space back
-        newest = complete_checkpoints(root)
-        kept = f"the newest complete checkpoint {newest[-1]} is intact" if newest else "none"
-        raise CheckpointError(
-            err.errno,
-            f"cannot write checkpoint {final}: {err.strerror or err} "
-            f"({getattr(err, 'filename', None) or final}); {kept}. Free space or fix the "
-            "permissions of run.output_dir, then run again (resume=latest continues from it)",
-        ) from None
+        raise CheckpointError(_failure(err, final)) from err
     accelerator.wait_for_everyone()
     return final
+
+
+def _failure(err: Exception, final: Path) -> str:
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    newest = complete_checkpoints(final.parent)
+    kept = f"{newest[-1]} is intact" if newest else "there is no earlier checkpoint"
+    free = shutil.disk_usage(final.parent).free / 2**20 if final.parent.exists() else 0
+    return (
+        f"cannot write checkpoint {final}: {reason} ({free:.0f} MiB free there); {kept}. "
+        "Free space or make run.output_dir writable, then run again: resume=latest continues "
+        "from the newest complete checkpoint"
+    )
 
 
 def _write_files(accelerator, model, temporary: Path, meta: dict[str, Any]) -> None:

@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as err:
         print(f"{PROG}: error: {_last_line(err)}", file=sys.stderr)
         return 2
-    except NonFiniteLoss as err:
+    except (NonFiniteLoss, checkpoint.CheckpointError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 1
     except OSError as err:
