@@ -51,7 +51,7 @@ def train_command(shards: str, run_dir: Path, steps: int, *extra: str) -> list[s
         "objectives.caption.weight=0", "data.batch_size=8", "data.workers=2",
         "data.shuffle_buffer=60", f"train.steps={steps}", "train.warmup_steps=2",
         "train.deterministic=true", "train.log_every_steps=2", "checkpoint.every_steps=1",
-        "checkpoint.keep=2", "resume=latest", "run.trackers=[]", "eval={}", *extra,
+        "checkpoint.keep=2", "resume=latest", "run.trackers=[]", *extra,
     ]  # fmt: skip
 
 
@@ -218,6 +218,8 @@ class FaultySet:
     """Sample key -> injected kind (good samples are absent)."""
     good: int
     """Samples every tool must keep (training, reshard and verify alike)."""
+    pass_items: int
+    """Items one pass over the set yields: readable samples plus one per shard-level problem."""
 
     def expected(self, table: dict[str, str | None]) -> Counter:
         return Counter({table[k]: n for k, n in self.injected.items() if table[k]})
@@ -261,7 +263,8 @@ def faulty_shards(root: Path, per_kind: int = 1, shards: int = 6, per_shard: int
     total = shards * per_shard
     lost_to_faults = sum(n for k, n in injected.items() if TRAIN_REASON[k]) - 2  # shard-level
     good = total - 1 - lost_to_faults  # 1: the sample at the truncated tar's cut
-    return FaultySet(str(root / f"{{00000..{shards:05d}}}.tar"), injected, kind_of, good)
+    pattern = str(root / f"{{00000..{shards:05d}}}.tar")
+    return FaultySet(pattern, injected, kind_of, good, total - 1 + 2)
 
 
 def _inject(kind: str, sample: dict, bomb: bytes) -> None:
