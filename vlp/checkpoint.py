@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pickle
 import shutil
 from importlib import metadata
 from pathlib import Path
@@ -155,6 +156,27 @@ def resolve(resume: str, run_dir: Path) -> Path | None:
 
 
 def load(accelerator, path: Path) -> dict[str, Any]:
-    """Restore model, optimizer and RNG states in place; return the checkpoint's meta."""
-    accelerator.load_state(str(path / STATE_DIR))
+    """Restore model, optimizer and RNG states in place; return the checkpoint's meta.
+
+    accelerate reads every pickled state with torch's weights_only loader, so a file carrying
+    code is refused, never run; the refusal becomes a ConfigError naming the file. accelerate
+    logs and ignores an unreadable RNG state, which would silently break exact resume, so
+    those files are read first here.
+    """
+    from accelerate.utils import load as safe_load
+
+    state = path / STATE_DIR
+    culprit = state
+    try:
+        for culprit in sorted(state.glob("random_states_*.pkl")):
+            safe_load(culprit)
+        pickled = ", ".join(p.name for p in sorted(state.glob("*.bin"))) or "state"
+        culprit = state / (pickled if "," not in pickled else f"{{{pickled}}}")
+        accelerator.load_state(str(state))
+    except (pickle.UnpicklingError, RuntimeError, EOFError, SafetensorError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(
+            f"resume: {culprit}: not loadable as plain tensors ({first}); refusing it. "
+            "Resume from another checkpoint or start a new run.output_dir"
+        ) from None
     return json.loads((path / META_FILE).read_text())

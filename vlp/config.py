@@ -243,7 +243,9 @@ def _number_checks(cfg: Config) -> list[tuple[bool, str, str]]:
     ]
     floats += [(f"data.sources.{i}.weight", s.weight) for i, s in enumerate(cfg.data.sources)]
     train = cfg.train
-    return [(math.isfinite(value), key, f"a finite number, not {value}") for key, value in floats] + [
+    return [
+        (math.isfinite(value), key, f"a finite number, not {value}") for key, value in floats
+    ] + [
         (train.lr > 0, "train.lr", f"positive, not {train.lr}"),
         (0 <= train.min_lr <= train.lr, "train.min_lr", f"in [0, train.lr={train.lr}]"),
         (train.weight_decay >= 0, "train.weight_decay", "0 or more"),

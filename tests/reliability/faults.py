@@ -314,7 +314,7 @@ def traversal_tar(path: Path, escape_dir: Path) -> list[Path]:
     targets = [escape_dir / "abs_sample.jpg", escape_dir / "abs_sample.txt"]
     names = {
         f"{escape_dir}/abs_sample": 0,
-        "../../../../../../../../../../..{}/dotdot_sample".format(escape_dir): 1,
+        f"../../../../../../../../../../..{escape_dir}/dotdot_sample": 1,
     }
     targets += [escape_dir / "dotdot_sample.jpg", escape_dir / "dotdot_sample.txt"]
     with tarfile.open(path, "w") as tar:
