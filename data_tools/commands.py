@@ -21,6 +21,9 @@ from data_tools.verify import verify
 from data_tools.writer import Summary, WriteOptions, write_dataset
 from vlp.data import format as fmt
 
+MAX_IMAGE_SIZE = 16384
+"""Largest --image-size: a side beyond this is a typo, not a training resolution."""
+
 
 def image_options(args: argparse.Namespace, size: int = 256, mode: str = "keep_ratio"):
     options = ImageOptions(
@@ -32,14 +35,24 @@ def image_options(args: argparse.Namespace, size: int = 256, mode: str = "keep_r
     )
     if options.size < 8:
         raise UsageError(f"--image-size {options.size} is too small (minimum 8)")
+    if options.size > MAX_IMAGE_SIZE:
+        raise UsageError(f"--image-size {options.size} is too large (maximum {MAX_IMAGE_SIZE})")
     if not 1 <= options.quality <= 100:
         raise UsageError(f"--quality {options.quality} must be between 1 and 100")
+    check_max_pixels(options.max_pixels)
     return options
 
 
+def check_max_pixels(max_pixels: int) -> None:
+    if max_pixels < 1:  # every image would be skipped as a decompression bomb
+        raise UsageError(f"--max-pixels {max_pixels} must be at least 1")
+
+
 def write_options(args: argparse.Namespace) -> WriteOptions:
-    if args.samples_per_shard < 1 or args.workers < 1 or args.num_nodes < 1:
-        raise UsageError("--samples-per-shard, --workers and --num-nodes must be at least 1")
+    for option in ("samples_per_shard", "workers", "num_nodes"):
+        if getattr(args, option) < 1:
+            flag = "--" + option.replace("_", "-")
+            raise UsageError(f"{flag} {getattr(args, option)} must be at least 1")
     if not 0 <= args.node_rank < args.num_nodes:
         raise UsageError(f"--node-rank {args.node_rank} must be in [0, {args.num_nodes})")
     return WriteOptions(
@@ -90,6 +103,9 @@ def _counts(errors) -> str:
 
 
 def run_verify(args: argparse.Namespace) -> int:
+    if args.workers < 1:
+        raise UsageError(f"--workers {args.workers} must be at least 1")
+    check_max_pixels(args.max_pixels)
     result = verify(args.pattern, workers=args.workers, max_pixels=args.max_pixels)
     duplicates = result.errors.get("duplicate_key", 0)
     print(

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
@@ -275,17 +276,32 @@ def _eval_checks(evaluators: dict[str, EvalConfig]) -> list[tuple[bool, str, str
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Schema <- YAML file <- `key=value` overrides; raise ConfigError on any mistake."""
     schema = OmegaConf.structured(Config)
+    merged = schema
+    if path is not None:
+        merged = _merge(merged, _read_yaml(Path(path)), str(path), schema)
+    for item in _check_overrides(overrides):  # one at a time: an error names its override
+        merged = _merge(merged, _parse_override(item), item.partition("=")[0], schema)
     try:
-        layers = [schema]
-        if path is not None:
-            layers.append(_read_yaml(Path(path)))
-        layers.append(OmegaConf.from_dotlist(_check_overrides(overrides)))
-        merged = OmegaConf.merge(*layers)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(_explain(err, schema)) from None
-    except TypeError as err:  # OmegaConf merging a list override into a list node, e.g. x.0.y=1
-        raise ConfigError(f"{' '.join(overrides)}: {err} (set the whole list: key=[...])") from None
+
+
+def _parse_override(item: str):
+    try:
+        return OmegaConf.from_dotlist([item])
+    except (OmegaConfBaseException, yaml.YAMLError) as err:  # e.g. a value of '[' or a tab
+        first = str(err).strip().splitlines()[0]
+        raise ConfigError(f"override {item!r}: not a valid key=value ({first})") from None
+
+
+def _merge(base, layer, where: str, schema):
+    try:
+        return OmegaConf.merge(base, layer)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_explain(err, schema, where)) from None
+    except TypeError as err:  # OmegaConf merging into a list node by index, e.g. x.0.y=1
+        raise ConfigError(f"{where}: {err} (set the whole list: key=[...])") from None
 
 
 def _read_yaml(path: Path):
@@ -305,7 +321,7 @@ def _check_overrides(overrides) -> list[str]:
     return list(overrides)
 
 
-def _explain(err: OmegaConfBaseException, schema) -> str:
+def _explain(err: OmegaConfBaseException, schema, where: str = "") -> str:
     """One line naming the key; for unknown keys, the nearest valid one."""
     key = getattr(err, "full_key", None) or ""
     message = str(err).splitlines()[0]
@@ -316,7 +332,7 @@ def _explain(err: OmegaConfBaseException, schema) -> str:
         near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
         hint = f"; did you mean {near[0]}?" if near else ""
         return f"unknown config key {key!r}{hint}"
-    return f"{key}: {message}" if key else message
+    return f"{key or where}: {message}" if key or where else message
 
 
 def _eval_keys(key: str) -> list[str]:
