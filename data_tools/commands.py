@@ -23,6 +23,9 @@ from vlp.data import format as fmt
 
 MAX_IMAGE_SIZE = 16384
 """Largest --image-size: a side beyond this is a typo, not a training resolution."""
+MAX_COUNT = 2**40
+"""Largest sample, shard and node count: beyond it a number is a typo (and overflows)."""
+MAX_WORKERS = 1024
 
 
 def image_options(args: argparse.Namespace, size: int = 256, mode: str = "keep_ratio"):
@@ -43,16 +46,20 @@ def image_options(args: argparse.Namespace, size: int = 256, mode: str = "keep_r
     return options
 
 
+def check_count(value: int, flag: str, maximum: int = MAX_COUNT) -> None:
+    if not 1 <= value <= maximum:
+        raise UsageError(f"{flag} {value} must be between 1 and {maximum}")
+
+
 def check_max_pixels(max_pixels: int) -> None:
     if max_pixels < 1:  # every image would be skipped as a decompression bomb
         raise UsageError(f"--max-pixels {max_pixels} must be at least 1")
 
 
 def write_options(args: argparse.Namespace) -> WriteOptions:
-    for option in ("samples_per_shard", "workers", "num_nodes"):
-        if getattr(args, option) < 1:
-            flag = "--" + option.replace("_", "-")
-            raise UsageError(f"{flag} {getattr(args, option)} must be at least 1")
+    check_count(args.samples_per_shard, "--samples-per-shard")
+    check_count(args.workers, "--workers", MAX_WORKERS)
+    check_count(args.num_nodes, "--num-nodes")
     if not 0 <= args.node_rank < args.num_nodes:
         raise UsageError(f"--node-rank {args.node_rank} must be in [0, {args.num_nodes})")
     return WriteOptions(
@@ -103,8 +110,7 @@ def _counts(errors) -> str:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    if args.workers < 1:
-        raise UsageError(f"--workers {args.workers} must be at least 1")
+    check_count(args.workers, "--workers", MAX_WORKERS)
     check_max_pixels(args.max_pixels)
     result = verify(args.pattern, workers=args.workers, max_pixels=args.max_pixels)
     duplicates = result.errors.get("duplicate_key", 0)
@@ -184,8 +190,8 @@ def run_fashion_mnist(args: argparse.Namespace) -> int:
     from data_tools.sources import fashion_mnist as fm
 
     image = image_options(args, size=64)
-    if args.num_samples is not None and args.num_samples < 1:
-        raise UsageError(f"--num-samples {args.num_samples} must be at least 1")
+    if args.num_samples is not None:
+        check_count(args.num_samples, "--num-samples")
     train = fm.FashionMnistSource(args.idx_dir, "train", args.mosaic, args.num_samples, args.seed)
     write_train(train, args.out, args, image)
     test = fm.FashionMnistSource(args.idx_dir, "test")
@@ -203,8 +209,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
     image = image_options(args, size=64, mode="none")
     opts = write_options(args)
-    if args.num_samples < 1 or args.eval_samples < 1:
-        raise UsageError("--num-samples and --eval-samples must be at least 1")
+    check_count(args.num_samples, "--num-samples")
+    check_count(args.eval_samples, "--eval-samples")
     write_train(demo.DemoSource(args.num_samples, image.size, args.seed), args.out, args, image)
     shapes = demo.ShapesEvalSource(args.eval_samples, image.size, args.seed)
     summary = write_classification_set(

@@ -278,7 +278,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     schema = OmegaConf.structured(Config)
     merged = schema
     if path is not None:
-        merged = _merge(merged, _read_yaml(Path(path)), str(path), schema)
+        merged = _merge(merged, _read_yaml(Path(path)), "", schema, prefix=f"{path}: ")
     for item in _check_overrides(overrides):  # one at a time: an error names its override
         merged = _merge(merged, _parse_override(item), item.partition("=")[0], schema)
     try:
@@ -295,13 +295,14 @@ def _parse_override(item: str):
         raise ConfigError(f"override {item!r}: not a valid key=value ({first})") from None
 
 
-def _merge(base, layer, where: str, schema):
+def _merge(base, layer, where: str, schema, prefix: str = ""):
+    """`where`: the override's key; `prefix` names the file a layer came from."""
     try:
         return OmegaConf.merge(base, layer)
     except OmegaConfBaseException as err:
-        raise ConfigError(_explain(err, schema, where)) from None
+        raise ConfigError(prefix + _explain(err, schema, where)) from None
     except TypeError as err:  # OmegaConf merging into a list node by index, e.g. x.0.y=1
-        raise ConfigError(f"{where}: {err} (set the whole list: key=[...])") from None
+        raise ConfigError(f"{prefix}{where}: {err} (set the whole list: key=[...])") from None
 
 
 def _read_yaml(path: Path):
@@ -323,7 +324,7 @@ def _check_overrides(overrides) -> list[str]:
 
 def _explain(err: OmegaConfBaseException, schema, where: str = "") -> str:
     """One line naming the key; for unknown keys, the nearest valid one."""
-    key = getattr(err, "full_key", None) or ""
+    key = getattr(err, "full_key", None) or where
     message = str(err).splitlines()[0]
     if isinstance(err, MissingMandatoryValue):
         return f"{key}: required, but not set"
@@ -332,7 +333,7 @@ def _explain(err: OmegaConfBaseException, schema, where: str = "") -> str:
         near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
         hint = f"; did you mean {near[0]}?" if near else ""
         return f"unknown config key {key!r}{hint}"
-    return f"{key or where}: {message}" if key or where else message
+    return f"{key}: {message}" if key else message
 
 
 def _eval_keys(key: str) -> list[str]:
