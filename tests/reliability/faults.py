@@ -169,7 +169,7 @@ KINDS = (
     "truncated_tar",
     "missing_shard",
 )
-TRAIN_REASON = {
+TRAIN_REASON: dict[str, str | None] = {
     "truncated_jpeg": "truncated_image",
     "zero_byte_image": "empty_image",
     "wrong_extension": "missing_image",
@@ -284,6 +284,59 @@ def _inject(kind: str, sample: dict, bomb: bytes) -> None:
         members["txt"] = b"caf\xe9 \xff\xfe"
     elif kind == "long_caption":
         members["txt"] = ("a very long caption " * 2000).encode()
+
+
+@dataclass
+class PassReport:
+    """One training pass over a FaultySet, compared item by item with what was injected."""
+
+    exit_code: int
+    skipped: Counter
+    """Skips by reason, as the run's final checkpoint records them."""
+    expected: Counter
+    """Injected faults among the items the run read, by the reason they must produce."""
+    left: Counter
+    """Kinds of the pass's items after the run's final position (all faults, if none lost)."""
+    lost: int
+    """Good samples the run passed without training on them (must be 0)."""
+
+
+def train_one_pass(faulty: FaultySet, run_dir: Path, batch: int) -> PassReport:
+    """Train on exactly the set's good samples (`batch` must divide them); shuffle_buffer=1
+    makes one pass the first `faulty.pass_items` items of the worker's stream."""
+    from vlp.data.pipeline import Cursor, Position, StreamSpec, pooled_items
+    from vlp.data.shards import expand_shards
+    from vlp.train import main
+
+    steps = faulty.good // batch
+    assert steps * batch == faulty.good, "the batch size must divide the good samples"
+    code = main(["--config", "configs/demo.yaml", f"data.train_shards={faulty.pattern}",
+                 f"run.output_dir={run_dir}", "model.name=vlp-tiny-clip",
+                 "objectives.caption.weight=0", f"data.batch_size={batch}", "data.workers=0",
+                 "data.shuffle_buffer=1", f"train.steps={steps}", f"checkpoint.every_steps={steps}",
+                 "train.log_every_steps=1000", "run.trackers=[]"])  # fmt: skip
+    if code != 0:
+        return PassReport(code, Counter(), Counter(), Counter(), faulty.good)
+    final = run_dir / checkpoint.CHECKPOINT_DIR / checkpoint.checkpoint_name(steps)
+    meta = json.loads((final / checkpoint.META_FILE).read_text())
+    end = Position.from_dict(meta["data"]["positions"][0]["0"]).cursors[0]
+    spec = StreamSpec([expand_shards(faulty.pattern)], [1.0], "epoch", 0, 1, batch, 1, 0, 1)
+    seen, left, reached = Counter(), Counter(), False
+    for number, (item, cursor) in enumerate(pooled_items(spec, 0, 0, Cursor())):
+        if number == faulty.pass_items:
+            break
+        (left if reached else seen)[_kind(item, faulty)] += 1
+        reached = reached or cursor == end
+    kept = sum(n for kind, n in seen.items() if not TRAIN_REASON.get(kind))
+    expected = Counter({TRAIN_REASON[k]: n for k, n in seen.items() if TRAIN_REASON.get(k)})
+    return PassReport(code, Counter(meta["skipped"]), expected, left, steps * batch - kept)
+
+
+def _kind(item, faulty: FaultySet) -> str:
+    """An item's injected kind: by key for samples, by reason for shard-level problems."""
+    if isinstance(item, dict):
+        return faulty.kind_of.get(item["__key__"], "good")
+    return {"truncated_tar": "truncated_tar", "missing_file": "missing_shard"}[item.value]
 
 
 # --- untrusted files -------------------------------------------------------------------------

@@ -3,6 +3,7 @@ key, option or value, exit code 2, and never a traceback or a hang."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -19,7 +20,10 @@ from vlp.train import main as train_main
 
 KEYS = _all_keys(OmegaConf.to_container(OmegaConf.structured(Config), resolve=False))
 KEYS += [f"eval.shapes.{k}" for k in OmegaConf.structured(EvalConfig)]
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+EXAMPLES = int(os.environ.get("VLP_FUZZ_EXAMPLES", "150"))
+"""bench/reliability.py raises it for the full run."""
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+FUZZ_TRAIN = settings(FUZZ, max_examples=max(40, EXAMPLES // 4))
 
 values = st.one_of(
     st.text(max_size=12),
@@ -52,7 +56,7 @@ def test_any_override_loads_or_is_one_line_naming_it(key, value):
         assert "\n" not in message and _names(message, key, value), message
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@FUZZ_TRAIN
 @given(keys, values)
 def test_vlp_train_exits_2_with_one_line_for_any_rejected_override(key, value):
     override = f"{key}={value}"
@@ -64,7 +68,7 @@ def test_vlp_train_exits_2_with_one_line_for_any_rejected_override(key, value):
     _check_one_line(lambda: train_main(["--config", "configs/demo.yaml", override]), "vlp-train")
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@FUZZ_TRAIN
 @given(st.text(max_size=200))
 def test_vlp_train_any_yaml_file_is_loaded_or_one_line(tmp_path_factory, text):
     path = tmp_path_factory.mktemp("yaml") / "c.yaml"
