@@ -10,6 +10,7 @@ import io
 import json
 import os
 import random
+import resource
 import signal
 import subprocess
 import sys
@@ -153,6 +154,72 @@ def kill_and_resume(
             break
     report.seconds = time.monotonic() - started
     return report
+
+
+@dataclass
+class StarvedRun:
+    """A run whose output stops taking data mid-run, and the same command run again after."""
+
+    exit_code: int
+    error_lines: list[str]
+    traceback: bool
+    latest: str | None
+    """The newest complete checkpoint after the failure."""
+    latest_problems: list[str]
+    temporaries_left: int
+    resumed: bool = False
+    """The rerun (with space again) finished and said it resumed."""
+
+    @property
+    def clean(self) -> bool:
+        """One `cannot write checkpoint` line naming the intact newest checkpoint, exit 1."""
+        return (
+            self.exit_code == 1 and not self.traceback and len(self.error_lines) == 1
+            and self.error_lines[0].startswith("vlp-train: error: cannot write checkpoint")
+            and self.latest is not None and f"{self.latest} is intact" in self.error_lines[0]
+            and not self.latest_problems and self.temporaries_left == 0
+        )  # fmt: skip
+
+
+def starved_run(shards: str, run_dir: Path, steps: int, starve, restore=None) -> StarvedRun:
+    """Run until `starve(process)` returns (it waits for its moment and takes the space away),
+    check what is left, then `restore()` the space and run the same command again."""
+    command = train_command(shards, run_dir, steps, "train.log_every_steps=1000")
+    process = subprocess.Popen(
+        command, cwd=REPO, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGXFSZ, signal.SIG_IGN),
+    )  # fmt: skip
+    starve(process)
+    _, stderr = process.communicate(timeout=600)
+    root = run_dir / checkpoint.CHECKPOINT_DIR
+    complete = checkpoint.complete_checkpoints(root)
+    result = StarvedRun(
+        process.returncode,
+        [line for line in stderr.splitlines() if "error" in line.lower()],
+        "Traceback" in stderr,
+        str(complete[-1]) if complete else None,
+        checkpoint_problems(complete[-1]) if complete else ["no checkpoint"],
+        len(_hidden(run_dir)),
+    )
+    if restore is not None:
+        restore()
+    again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    result.resumed = again.returncode == 0 and "resumed from" in again.stderr
+    return result
+
+
+def limit_file_size_after(run_dir: Path, step: int, limit: int = 16384):
+    """A `starve` for starved_run: once checkpoint `step` exists, RLIMIT_FSIZE makes every
+    larger write fail with EFBIG, as a full disk fails them (no root or special filesystem)."""
+
+    def starve(process) -> None:
+        published = run_dir / checkpoint.CHECKPOINT_DIR / checkpoint.checkpoint_name(step)
+        deadline = time.monotonic() + 300
+        while not published.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        resource.prlimit(process.pid, resource.RLIMIT_FSIZE, (limit, limit))
+
+    return starve
 
 
 # --- data faults -----------------------------------------------------------------------------
