@@ -7,7 +7,7 @@ DEMO_DIR ?= data/demo
 WORKERS ?= 2
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test bench lint format clean
+.PHONY: help setup demo test bench bench-reliability lint format clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -40,6 +40,9 @@ bench: $(STAMP) ## run the CPU benchmarks against their peers; results in bench/
 	$(PY) bench/eval_vs_clip_benchmark.py
 	$(PY) bench/retrieval_scale.py
 	$(PY) bench/readme_table.py
+
+bench-reliability: $(STAMP) ## kill/disk-full/corrupt-data/bad-input trials; bench/results/reliability.json
+	$(PY) bench/reliability.py
 
 lint: $(STAMP) ## check style with ruff
 	$(VENV)/bin/ruff check .

@@ -61,6 +61,14 @@ def final_weights(run_dir: Path, steps: int) -> dict:
                      / checkpoint.EXPORT_FILE)  # fmt: skip
 
 
+def seconds_per_step(run_dir: Path) -> float:
+    """From a finished run's metrics.jsonl timestamps (checkpoint saves included)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in records if "loss/total" in r]
+    first, last = records[0], records[-1]
+    return (last["time"] - first["time"]) / max(1, last["step"] - first["step"])
+
+
 def checkpoint_problems(path: Path) -> list[str]:
     """Why `path` is not a complete, loadable checkpoint (empty list: it is one)."""
     import torch
@@ -100,13 +108,18 @@ def _hidden(run_dir: Path) -> list[Path]:
     return [p for pattern in checkpoint.HIDDEN_GLOBS for p in root.glob(pattern)]
 
 
-def _wait_then_kill(process, run_dir: Path, mode: str, rng: random.Random, budget: float) -> bool:
-    """SIGKILL at a random point (`random`) or just after a save begins (`saving`).
+def _wait_then_kill(process, run_dir: Path, log: Path, mode: str, rng, budget: float) -> bool:
+    """SIGKILL at a random moment of training (`random`: up to `budget` seconds after the run
+    said it started or resumed) or just after a checkpoint save began (`saving`).
 
     Returns whether a checkpoint temporary existed at the moment of the kill.
     """
-    deadline = time.monotonic() + (rng.uniform(0.5, budget) if mode == "random" else 300)
-    before = set(_hidden(run_dir))
+    before, deadline = set(_hidden(run_dir)), time.monotonic() + 600
+    while mode == "random" and process.poll() is None and time.monotonic() < deadline:
+        if "vlp-train: started" in log.read_text() or "vlp-train: resumed" in log.read_text():
+            deadline = time.monotonic() + rng.uniform(0, budget)
+            break
+        time.sleep(0.01)
     while time.monotonic() < deadline and process.poll() is None:
         if mode == "saving" and set(_hidden(run_dir)) - before:
             time.sleep(rng.uniform(0, 0.03))  # somewhere inside the save
@@ -119,7 +132,7 @@ def _wait_then_kill(process, run_dir: Path, mode: str, rng: random.Random, budge
 
 
 def kill_and_resume(
-    shards: str, run_dir: Path, steps: int, kills: int, seed: int, budget: float = 8.0
+    shards: str, run_dir: Path, steps: int, kills: int, seed: int, budget: float = 2.0
 ) -> KillReport:
     """Start the run, SIGKILL it `kills` times (alternately at random and while saving), check
     what resume=latest would load after each kill, then let it finish."""
@@ -137,7 +150,7 @@ def kill_and_resume(
             )  # fmt: skip
             if report.kills < kills:
                 mode = "random" if report.kills % 2 == 0 else "saving"
-                saving = _wait_then_kill(process, run_dir, mode, rng, budget)
+                saving = _wait_then_kill(process, run_dir, log, mode, rng, budget)
                 killed = process.returncode == -signal.SIGKILL
                 report.kills += killed
                 report.kills_while_saving += saving and killed

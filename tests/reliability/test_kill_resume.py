@@ -24,7 +24,7 @@ def test_kills_mid_run_and_mid_save_resume_to_identical_weights(tmp_path):
     straight = tmp_path / "straight"
     subprocess.run(train_command(shards, straight, STEPS), cwd=REPO, check=True,
                    capture_output=True)  # fmt: skip
-    report = kill_and_resume(shards, tmp_path / "killed", STEPS, kills=2, seed=0, budget=6)
+    report = kill_and_resume(shards, tmp_path / "killed", STEPS, kills=2, seed=0)
     assert report.completed, report
     assert report.kills == 2 and report.kills_while_saving >= 1, report
     assert report.corrupt_latest == [] and report.resumes == report.resumed_at_latest, report
