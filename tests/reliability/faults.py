@@ -92,7 +92,8 @@ class KillReport:
     kills: int = 0
     kills_while_saving: int = 0
     """Kills that found a checkpoint's hidden temporary on disk (mid-save or mid-delete)."""
-    resumes: int = 0
+    starts_with_checkpoint: int = 0
+    """Starts that found a complete checkpoint on disk (every one must resume from it)."""
     resumed_at_latest: int = 0
     """Starts that logged "resumed from" the newest complete checkpoint on disk."""
     corrupt_latest: list[str] = field(default_factory=list)
@@ -157,8 +158,8 @@ def kill_and_resume(
             else:
                 process.wait(timeout=900)
         text = log.read_text()
-        if latest is not None and "resumed from" in text:
-            report.resumes += 1
+        if latest is not None:
+            report.starts_with_checkpoint += 1
             report.resumed_at_latest += f"resumed from {latest} at step" in text
         if process.returncode == 0:
             report.completed = True
