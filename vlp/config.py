@@ -284,7 +284,9 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     try:
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
-        raise ConfigError(_explain(err, schema)) from None
+        # resolving an interpolation may fail without a key: blame the overrides that have one
+        suspects = [item.partition("=")[0] for item in overrides if "${" in item]
+        raise ConfigError(_explain(err, schema, ", ".join(suspects) or str(path))) from None
 
 
 def _parse_override(item: str):
