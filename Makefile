@@ -7,7 +7,7 @@ DEMO_DIR ?= data/demo
 WORKERS ?= 2
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test bench bench-gpu lint format clean
+.PHONY: help setup demo test bench bench-gpu bench-reliability lint format clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-9s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -48,6 +48,9 @@ GPU_PY ?= python3
 GPU_ARGS ?=
 bench-gpu: ## bf16 CLIP/CoCa on a GPU vs open_clip: samples/s, MFU, memory (bench/README.md)
 	$(GPU_PY) bench/gpu.py $(GPU_ARGS)
+
+bench-reliability: $(STAMP) ## kill/disk-full/corrupt-data/bad-input trials; bench/results/reliability.json
+	$(PY) bench/reliability.py
 
 lint: $(STAMP) ## check style with ruff
 	$(VENV)/bin/ruff check .

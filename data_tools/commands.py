@@ -21,6 +21,12 @@ from data_tools.verify import verify
 from data_tools.writer import Summary, WriteOptions, write_dataset
 from vlp.data import format as fmt
 
+MAX_IMAGE_SIZE = 16384
+"""Largest --image-size: a side beyond this is a typo, not a training resolution."""
+MAX_COUNT = 2**40
+"""Largest sample, shard and node count: beyond it a number is a typo (and overflows)."""
+MAX_WORKERS = 1024
+
 
 def image_options(args: argparse.Namespace, size: int = 256, mode: str = "keep_ratio"):
     options = ImageOptions(
@@ -32,14 +38,28 @@ def image_options(args: argparse.Namespace, size: int = 256, mode: str = "keep_r
     )
     if options.size < 8:
         raise UsageError(f"--image-size {options.size} is too small (minimum 8)")
+    if options.size > MAX_IMAGE_SIZE:
+        raise UsageError(f"--image-size {options.size} is too large (maximum {MAX_IMAGE_SIZE})")
     if not 1 <= options.quality <= 100:
         raise UsageError(f"--quality {options.quality} must be between 1 and 100")
+    check_max_pixels(options.max_pixels)
     return options
 
 
+def check_count(value: int, flag: str, maximum: int = MAX_COUNT) -> None:
+    if not 1 <= value <= maximum:
+        raise UsageError(f"{flag} {value} must be between 1 and {maximum}")
+
+
+def check_max_pixels(max_pixels: int) -> None:
+    if max_pixels < 1:  # every image would be skipped as a decompression bomb
+        raise UsageError(f"--max-pixels {max_pixels} must be at least 1")
+
+
 def write_options(args: argparse.Namespace) -> WriteOptions:
-    if args.samples_per_shard < 1 or args.workers < 1 or args.num_nodes < 1:
-        raise UsageError("--samples-per-shard, --workers and --num-nodes must be at least 1")
+    check_count(args.samples_per_shard, "--samples-per-shard")
+    check_count(args.workers, "--workers", MAX_WORKERS)
+    check_count(args.num_nodes, "--num-nodes")
     if not 0 <= args.node_rank < args.num_nodes:
         raise UsageError(f"--node-rank {args.node_rank} must be in [0, {args.num_nodes})")
     return WriteOptions(
@@ -90,6 +110,8 @@ def _counts(errors) -> str:
 
 
 def run_verify(args: argparse.Namespace) -> int:
+    check_count(args.workers, "--workers", MAX_WORKERS)
+    check_max_pixels(args.max_pixels)
     result = verify(args.pattern, workers=args.workers, max_pixels=args.max_pixels)
     duplicates = result.errors.get("duplicate_key", 0)
     print(
@@ -168,8 +190,8 @@ def run_fashion_mnist(args: argparse.Namespace) -> int:
     from data_tools.sources import fashion_mnist as fm
 
     image = image_options(args, size=64)
-    if args.num_samples is not None and args.num_samples < 1:
-        raise UsageError(f"--num-samples {args.num_samples} must be at least 1")
+    if args.num_samples is not None:
+        check_count(args.num_samples, "--num-samples")
     train = fm.FashionMnistSource(args.idx_dir, "train", args.mosaic, args.num_samples, args.seed)
     write_train(train, args.out, args, image)
     test = fm.FashionMnistSource(args.idx_dir, "test")
@@ -187,8 +209,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
     image = image_options(args, size=64, mode="none")
     opts = write_options(args)
-    if args.num_samples < 1 or args.eval_samples < 1:
-        raise UsageError("--num-samples and --eval-samples must be at least 1")
+    check_count(args.num_samples, "--num-samples")
+    check_count(args.eval_samples, "--eval-samples")
     write_train(demo.DemoSource(args.num_samples, image.size, args.seed), args.out, args, image)
     shapes = demo.ShapesEvalSource(args.eval_samples, image.size, args.seed)
     summary = write_classification_set(

@@ -7,17 +7,24 @@
 
 Every file goes into a hidden `.step_*.tmp` directory that is renamed when complete, so a run
 killed while saving leaves no directory that `resume=latest` could mistake for a checkpoint.
+Deleting works the other way round: a checkpoint is first renamed to a hidden `.step_*.old` name,
+then removed, so a kill in the middle of a deletion never leaves a half-deleted `step_*`.
+A write that fails (disk full, read-only output) removes the temporary and raises
+CheckpointError naming the newest complete checkpoint, which stays untouched.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import pickle
 import shutil
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -28,6 +35,22 @@ META_FILE = "meta.json"
 EXPORT_FILE = "model.safetensors"
 STATE_DIR = "state"
 VERSIONED = ("vlp", "torch", "open_clip_torch", "accelerate", "webdataset")
+HIDDEN_GLOBS = (".step_*.tmp", ".step_*.old")
+"""Temporaries of interrupted saves and deletions: never loaded, removed by the next save."""
+OUTPUT_ERRNOS = {
+    errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG,
+    errno.ENOTDIR, errno.EISDIR,
+}  # fmt: skip
+"""Write failures that mean "this output location cannot take the data": a user-side problem."""
+
+
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+"""What a failed write raises: OSError from Python, RuntimeError from torch.save ("unexpected
+pos ..." on a full disk), SafetensorError from safetensors ("I/O error: No space left")."""
+
+
+class CheckpointError(Exception):
+    """A checkpoint could not be written; the previous one is intact (one line, exit 1)."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -49,20 +72,22 @@ def save(accelerator, model, run_dir: Path, step: int, meta: dict[str, Any], kee
     root = run_dir / CHECKPOINT_DIR
     final = root / checkpoint_name(step)
     temporary = root / f".{final.name}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(temporary, ignore_errors=True)
-        temporary.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(temporary / STATE_DIR))
-    weights = accelerator.get_state_dict(model)  # every process: FSDP gathers its shards here
-    if accelerator.is_main_process:
-        save_file(open_clip_weights(weights), temporary / EXPORT_FILE)
-        (temporary / META_FILE).write_text(json.dumps({**meta, "versions": versions()}, indent=2))
-        _fsync_tree(temporary)
-        if final.exists():  # a rerun that reached the same step: replace it whole
-            shutil.rmtree(final)
-        os.replace(temporary, final)
-        _prune(root, keep)
+    try:
+        if accelerator.is_main_process:
+            _remove_hidden(root)
+            temporary.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(temporary / STATE_DIR))
+        weights = accelerator.get_state_dict(model)  # every process: FSDP gathers its shards
+        if accelerator.is_main_process:
+            _write_files(weights, temporary, meta)
+            if final.exists():  # a rerun that reached the same step: replace it whole
+                _delete(final)
+            os.replace(temporary, final)
+            _prune(root, keep)
+    except WRITE_ERRORS as err:
+        shutil.rmtree(temporary, ignore_errors=True)  # give the space back
+        raise CheckpointError(_failure(err, final)) from err
     accelerator.wait_for_everyone()
     return final
 
@@ -77,6 +102,39 @@ def open_clip_weights(state: dict[str, Tensor]) -> dict[str, Tensor]:
     }
 
 
+def _failure(err: Exception, final: Path) -> str:
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    newest = complete_checkpoints(final.parent)
+    kept = f"{newest[-1]} is intact" if newest else "there is no earlier checkpoint"
+    free = shutil.disk_usage(final.parent).free / 2**20 if final.parent.exists() else 0
+    return (
+        f"cannot write checkpoint {final}: {reason} ({free:.0f} MiB free there); {kept}. "
+        "Free space or make run.output_dir writable, then run again: resume=latest continues "
+        "from the newest complete checkpoint"
+    )
+
+
+def _write_files(weights: dict[str, Tensor], temporary: Path, meta: dict[str, Any]) -> None:
+    save_file(open_clip_weights(weights), temporary / EXPORT_FILE)
+    # meta.json last: a directory is a checkpoint only once it has one (complete_checkpoints)
+    (temporary / META_FILE).write_text(json.dumps({**meta, "versions": versions()}, indent=2))
+    _fsync_tree(temporary)
+
+
+def _delete(checkpoint: Path) -> None:
+    """Rename to a hidden name first: a kill mid-deletion leaves nothing resume could pick."""
+    hidden = checkpoint.with_name(f".{checkpoint.name}.old")
+    shutil.rmtree(hidden, ignore_errors=True)
+    os.replace(checkpoint, hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
+def _remove_hidden(root: Path) -> None:
+    for pattern in HIDDEN_GLOBS:
+        for leftover in root.glob(pattern):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 def _fsync_tree(directory: Path) -> None:
     """Flush file contents before the rename publishes them (a crash must not publish zeros)."""
     for path in directory.rglob("*"):
@@ -87,7 +145,7 @@ def _fsync_tree(directory: Path) -> None:
 
 def _prune(root: Path, keep: int) -> None:
     for old in complete_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _delete(old)
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -108,6 +166,27 @@ def resolve(resume: str, run_dir: Path) -> Path | None:
 
 
 def load(accelerator, path: Path) -> dict[str, Any]:
-    """Restore model, optimizer and RNG states in place; return the checkpoint's meta."""
-    accelerator.load_state(str(path / STATE_DIR))
+    """Restore model, optimizer and RNG states in place; return the checkpoint's meta.
+
+    accelerate reads every pickled state with torch's weights_only loader, so a file carrying
+    code is refused, never run; the refusal becomes a ConfigError naming the file. accelerate
+    logs and ignores an unreadable RNG state, which would silently break exact resume, so
+    those files are read first here.
+    """
+    from accelerate.utils import load as safe_load
+
+    state = path / STATE_DIR
+    culprit = state
+    try:
+        for culprit in sorted(state.glob("random_states_*.pkl")):
+            safe_load(culprit)
+        pickled = ", ".join(p.name for p in sorted(state.glob("*.bin"))) or "state"
+        culprit = state / (pickled if "," not in pickled else f"{{{pickled}}}")
+        accelerator.load_state(str(state))
+    except (pickle.UnpicklingError, RuntimeError, EOFError, SafetensorError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(
+            f"resume: {culprit}: not loadable as plain tensors ({first}); refusing it. "
+            "Resume from another checkpoint or start a new run.output_dir"
+        ) from None
     return json.loads((path / META_FILE).read_text())

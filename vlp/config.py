@@ -8,10 +8,12 @@ validated `Config`. Every component receives only its own slice (`cfg.data`, `cf
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
@@ -254,6 +256,7 @@ def _validate(cfg: Config) -> None:
         ),
         (cfg.data.decoder_caption in ("raw", "long"), "data.decoder_caption", "raw or long"),
         (bool(cfg.objectives.active()), "objectives", "at least one term with a non-zero weight"),
+        *_number_checks(cfg),
         (
             bool(cfg.data.train_shards) != bool(cfg.data.sources),
             "data.train_shards",
@@ -270,6 +273,36 @@ def _validate(cfg: Config) -> None:
     for ok, key, expected in checks:
         if not ok:
             raise ConfigError(f"{key}: must be {expected}")
+
+
+def _number_checks(cfg: Config) -> list[tuple[bool, str, str]]:
+    """Every float finite (nan and inf parse as floats) and the ranges the optimizer needs."""
+    slices = {
+        "train": cfg.train,
+        "objectives.contrastive": cfg.objectives.contrastive,
+        "objectives.caption": cfg.objectives.caption,
+    }
+    floats = [
+        (f"{section}.{f.name}", getattr(part, f.name))
+        for section, part in slices.items()
+        for f in fields(part)
+        if isinstance(getattr(part, f.name), float)
+    ]
+    floats += [(f"data.sources.{i}.weight", s.weight) for i, s in enumerate(cfg.data.sources)]
+    train = cfg.train
+    return [
+        (math.isfinite(value), key, f"a finite number, not {value}") for key, value in floats
+    ] + [
+        (train.lr > 0, "train.lr", f"positive, not {train.lr}"),
+        (0 <= train.min_lr <= train.lr, "train.min_lr", f"in [0, train.lr={train.lr}]"),
+        (train.weight_decay >= 0, "train.weight_decay", "0 or more"),
+        (0 <= train.beta1 < 1 and 0 <= train.beta2 < 1, "train.beta1/beta2", "in [0, 1)"),
+        (train.eps > 0, "train.eps", "positive"),
+        (train.grad_clip >= 0, "train.grad_clip", "0 (off) or more"),
+        (0 <= train.seed < 2**32, "train.seed", f"in [0, 2**32), not {train.seed}"),
+        (cfg.objectives.contrastive.weight >= 0, "objectives.contrastive.weight", "0 or more"),
+        (cfg.objectives.caption.weight >= 0, "objectives.caption.weight", "0 or more"),
+    ]
 
 
 def _eval_checks(evaluators: dict[str, EvalConfig]) -> list[tuple[bool, str, str]]:
@@ -289,15 +322,35 @@ def _eval_checks(evaluators: dict[str, EvalConfig]) -> list[tuple[bool, str, str
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Schema <- YAML file <- `key=value` overrides; raise ConfigError on any mistake."""
     schema = OmegaConf.structured(Config)
+    merged = schema
+    if path is not None:
+        merged = _merge(merged, _read_yaml(Path(path)), "", schema, prefix=f"{path}: ")
+    for item in _check_overrides(overrides):  # one at a time: an error names its override
+        merged = _merge(merged, _parse_override(item), item.partition("=")[0], schema)
     try:
-        layers = [schema]
-        if path is not None:
-            layers.append(_read_yaml(Path(path)))
-        layers.append(OmegaConf.from_dotlist(_check_overrides(overrides)))
-        merged = OmegaConf.merge(*layers)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
-        raise ConfigError(_explain(err, schema)) from None
+        # resolving an interpolation may fail without a key: blame the overrides that have one
+        suspects = [item.partition("=")[0] for item in overrides if "${" in item]
+        raise ConfigError(_explain(err, schema, ", ".join(suspects) or str(path))) from None
+
+
+def _parse_override(item: str):
+    try:
+        return OmegaConf.from_dotlist([item])
+    except (OmegaConfBaseException, yaml.YAMLError) as err:  # e.g. a value of '[' or a tab
+        first = str(err).strip().splitlines()[0]
+        raise ConfigError(f"override {item!r}: not a valid key=value ({first})") from None
+
+
+def _merge(base, layer, where: str, schema, prefix: str = ""):
+    """`where`: the override's key; `prefix` names the file a layer came from."""
+    try:
+        return OmegaConf.merge(base, layer)
+    except OmegaConfBaseException as err:
+        raise ConfigError(prefix + _explain(err, schema, where)) from None
+    except TypeError as err:  # OmegaConf merging into a list node by index, e.g. x.0.y=1
+        raise ConfigError(f"{prefix}{where}: {err} (set the whole list: key=[...])") from None
 
 
 def _read_yaml(path: Path):
@@ -317,9 +370,9 @@ def _check_overrides(overrides) -> list[str]:
     return list(overrides)
 
 
-def _explain(err: OmegaConfBaseException, schema) -> str:
+def _explain(err: OmegaConfBaseException, schema, where: str = "") -> str:
     """One line naming the key; for unknown keys, the nearest valid one."""
-    key = getattr(err, "full_key", None) or ""
+    key = getattr(err, "full_key", None) or where
     message = str(err).splitlines()[0]
     if isinstance(err, MissingMandatoryValue):
         return f"{key}: required, but not set"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import TextTransformer, text_global_pool
+from safetensors import SafetensorError
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -228,9 +230,16 @@ def build_model(model_cfg: Any) -> tuple[VLPModel, Any, Any, Any]:
     if model_cfg.hf_text_model is not None:
         kwargs["text_cfg"] = _hf_text_cfg(name, model_cfg.hf_text_model)
         kwargs["force_custom_text"] = True  # open_clip decides the class before applying kwargs
-    clip, train_transform, eval_transform = open_clip.create_model_and_transforms(
-        name, pretrained=model_cfg.pretrained, **kwargs
-    )
+    try:  # open_clip reads torch files with weights_only=True: a pickle with code is refused
+        clip, train_transform, eval_transform = open_clip.create_model_and_transforms(
+            name, pretrained=model_cfg.pretrained, **kwargs
+        )
+    except (pickle.UnpicklingError, SafetensorError, EOFError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(
+            f"model.pretrained: {pretrained}: not loadable as plain tensors ({first}); "
+            "use a safetensors or weights-only torch file"
+        ) from None
     if model_cfg.hf_text_model is not None:
         context = kwargs["text_cfg"]["context_length"]
         tokenizer = open_clip.tokenizer.HFTokenizer(model_cfg.hf_text_model, context_length=context)

@@ -381,8 +381,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as err:
         print(f"{PROG}: error: {_last_line(err)}", file=sys.stderr)
         return 2
-    except NonFiniteLoss as err:
+    except (NonFiniteLoss, checkpoint.CheckpointError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        if err.errno not in checkpoint.OUTPUT_ERRNOS:
+            raise
+        # disk full or read-only output: what failed and where, not a traceback
+        where = f" ({err.filename})" if err.filename and str(err.filename) not in str(err) else ""
+        print(f"{PROG}: error: {_last_line(err)}{where}", file=sys.stderr)
         return 1
     return 0
 

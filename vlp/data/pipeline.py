@@ -254,10 +254,13 @@ def worker_batches(
     """
     streams = [pooled_items(spec, s, worker, c) for s, c in enumerate(start.cursors)]
     cursors, drawn, bad = list(start.cursors), start.drawn, Counter(start.bad)
-    items, good, skipped, seen_keys = [], 0, 0, set()
+    items, good, seen_keys = [], 0, set()
+    pools_begun = [0] * len(cursors)  # pools whose first item this worker has read, per source
     while True:
         source = _choose_source(spec, worker, drawn)
-        sample, cursors[source] = next(streams[source])
+        sample, cursor = next(streams[source])
+        pools_begun[source] += cursor.item == 1
+        cursors[source] = cursor
         if isinstance(sample, Reason):  # a shard problem is not a draw: draw again
             bad[sample.value] += 1
             continue
@@ -269,10 +272,10 @@ def worker_batches(
             good += 1
         except BadSample as bad_sample:
             bad[bad_sample.reason.value] += 1
-            skipped += 1
             seen_keys.update(k for k in sample if not k.startswith("__"))
-            # a whole pool (at least one shard) without one good sample: wrong keys, not bad luck
-            if good == 0 and skipped >= spec.shuffle_buffer:
+            # a whole pool (at least one shard) read without one good sample: wrong keys, not
+            # bad luck (a second pool begun means the first one ended)
+            if good == 0 and max(pools_begun) >= 2:
                 raise DataError(_no_usable_samples(decode, seen_keys, bad)) from None
             continue
         if len(items) == spec.batch_size:
