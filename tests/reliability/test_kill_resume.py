@@ -28,8 +28,7 @@ def test_kills_mid_run_and_mid_save_resume_to_identical_weights(tmp_path):
     assert report.completed, report
     assert report.kills == 2 and report.kills_while_saving >= 1, report
     assert (
-        report.corrupt_latest == []
-        and report.starts_with_checkpoint == report.resumed_at_latest
+        report.corrupt_latest == [] and report.starts_with_checkpoint == report.resumed_at_latest
     ), report  # on a loaded machine both kills may land before the first checkpoint exists
     a, b = final_weights(straight, STEPS), final_weights(tmp_path / "killed", STEPS)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
