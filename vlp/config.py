@@ -46,6 +46,21 @@ class SourceConfig:
 
 
 @dataclass
+class SubcaptionConfig:
+    """DreamLIP sub-captions (`data.caption=subcaptions`): T = num + 1 texts per image."""
+
+    num: int = 6
+    """Sub-captions sampled per image per load (K); slot 0 is always the raw caption."""
+    splitter: str = "dreamlip"
+    """dreamlip: split at every '.', newline and '</s>' (the reference rule, quirks included);
+    sentence: sentence ends only (keeps decimals and abbreviations whole)."""
+    merge: int = 1
+    """Consecutive pool sentences joined (by '. ') into one sub-caption."""
+    exclude_last: bool = False
+    """Never draw the pool's last sentence (the reference code's off-by-one, for parity)."""
+
+
+@dataclass
 class DataConfig:
     train_shards: str = ""
     """Shard pattern: local path, brace pattern, or URL; '::' joins several patterns."""
@@ -67,7 +82,9 @@ class DataConfig:
     """Tar member extensions holding the image, first match wins."""
     text_key: str = "txt"
     caption: str = "raw"
-    """raw: the .txt caption; long: the first long caption in the .json; json:FIELD: that field."""
+    """raw: the .txt caption; long: the first long caption in the .json; json:FIELD: that field;
+    subcaptions: the .txt caption plus sentences sampled from the .json's long captions."""
+    subcaptions: SubcaptionConfig = field(default_factory=SubcaptionConfig)
     decoder_caption: str = "raw"
     """Target of the CoCa decoder: raw or long (the first long caption, truncated to context)."""
 
@@ -113,9 +130,30 @@ class CaptionConfig:
 
 
 @dataclass
+class MultiPositiveConfig:
+    weight: float = 0.0
+    """DreamLIP's global loss: the mean over text slots of each slot's InfoNCE (1.0 in DreamLIP;
+    with one text per image it equals `contrastive`, which it replaces)."""
+    max_logit_scale: float = 100.0
+    """Clamp of the shared temperature's scale, as for `contrastive`."""
+
+
+@dataclass
+class GroupingConfig:
+    weight: float = 0.0
+    """DreamLIP's sub-caption grouping loss (1.0 in DreamLIP)."""
+    threshold: float = 0.0
+    """Min-max normalised patch weights below this are zeroed (sigma); negative: 1/patches."""
+    max_logit_scale: float = 100.0
+    """Clamp of the grouping loss's own learnable temperature's scale."""
+
+
+@dataclass
 class ObjectivesConfig:
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
+    multi_positive: MultiPositiveConfig = field(default_factory=MultiPositiveConfig)
+    subcaption_grouping: GroupingConfig = field(default_factory=GroupingConfig)
 
     def active(self) -> dict[str, Any]:
         """Terms with a non-zero weight, by name; a zero weight means the term is not built."""
@@ -202,10 +240,12 @@ def _validate(cfg: Config) -> None:
         (cfg.checkpoint.every_steps >= 1, "checkpoint.every_steps", "at least 1"),
         (cfg.checkpoint.keep >= 1, "checkpoint.keep", "at least 1"),
         (
-            cfg.data.caption in ("raw", "long") or cfg.data.caption.startswith("json:"),
+            cfg.data.caption in ("raw", "long", "subcaptions")
+            or cfg.data.caption.startswith("json:"),
             "data.caption",
-            "raw, long or json:FIELD",
+            "raw, long, subcaptions or json:FIELD",
         ),
+        *_subcaption_checks(cfg),
         (cfg.data.decoder_caption in ("raw", "long"), "data.decoder_caption", "raw or long"),
         (bool(cfg.objectives.active()), "objectives", "at least one term with a non-zero weight"),
         (
@@ -224,6 +264,30 @@ def _validate(cfg: Config) -> None:
     for ok, key, expected in checks:
         if not ok:
             raise ConfigError(f"{key}: must be {expected}")
+
+
+def _subcaption_checks(cfg: Config) -> list[tuple[bool, str, str]]:
+    sub, objectives = cfg.data.subcaptions, cfg.objectives
+    return [
+        (sub.num >= 1, "data.subcaptions.num", "at least 1"),
+        (sub.splitter in ("dreamlip", "sentence"), "data.subcaptions.splitter", "dreamlip or sentence"),
+        (sub.merge >= 1, "data.subcaptions.merge", "at least 1"),
+        (
+            objectives.multi_positive.max_logit_scale >= 1,
+            "objectives.multi_positive.max_logit_scale",
+            "at least 1",
+        ),
+        (
+            objectives.subcaption_grouping.max_logit_scale >= 1,
+            "objectives.subcaption_grouping.max_logit_scale",
+            "at least 1",
+        ),
+        (
+            objectives.subcaption_grouping.threshold < 1,
+            "objectives.subcaption_grouping.threshold",
+            "below 1 (min-max weights lie in [0, 1); negative: 1/patches)",
+        ),
+    ]
 
 
 def _eval_checks(evaluators: dict[str, EvalConfig]) -> list[tuple[bool, str, str]]:
