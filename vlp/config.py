@@ -270,7 +270,11 @@ def _subcaption_checks(cfg: Config) -> list[tuple[bool, str, str]]:
     sub, objectives = cfg.data.subcaptions, cfg.objectives
     return [
         (sub.num >= 1, "data.subcaptions.num", "at least 1"),
-        (sub.splitter in ("dreamlip", "sentence"), "data.subcaptions.splitter", "dreamlip or sentence"),
+        (
+            sub.splitter in ("dreamlip", "sentence"),
+            "data.subcaptions.splitter",
+            "dreamlip or sentence",
+        ),
         (sub.merge >= 1, "data.subcaptions.merge", "at least 1"),
         (
             objectives.multi_positive.max_logit_scale >= 1,
