@@ -8,6 +8,10 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
+import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -422,3 +426,28 @@ def test_gradients_reach_patches_through_weights_and_sum_and_both_scales_are_cla
 def test_subcaption_config_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, ["data.train_shards=x", *overrides])
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
+    """multi_positive + subcaption_grouping (with masked slots) + caption on a tiny CoCa."""
+    from tests import dreamlip_distributed as reference
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    out = tmp_path / "two.pt"
+    result = subprocess.run(
+        [torchrun, "--nproc_per_node", "2", "--master_port", "29518"]
+        + ["-m", "tests.dreamlip_distributed", str(out)],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = torch.load(out)
+    model, objective = reference.build()
+    loss, grads = reference.loss_and_grads(model, objective, *reference.batch())
+    torch.testing.assert_close(two["loss"], loss.detach(), atol=1e-6, rtol=0)
+    assert two["grads"].keys() == grads.keys() and "logit_scale_local" in grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(two["grads"][name], grad, atol=1e-6, rtol=0, msg=name)

@@ -38,11 +38,13 @@ def multi_positive_loss(image_emb: Tensor, text_emb: Tensor, scale: Tensor) -> T
     single-process loss on the concatenated batch.
     """
     all_image = distributed.gather_with_grad(image_emb)  # [W*B, D]
-    all_text = distributed.gather_with_grad(text_emb)  # [W*B, T, D]
-    targets = distributed.contrastive_targets(image_emb.shape[0], image_emb.device)
     slots = text_emb.shape[1]
-    per_image = scale * torch.einsum("bd,ntd->tbn", image_emb, all_text)  # [T, B, W*B]
-    per_text = scale * torch.einsum("btd,nd->tbn", text_emb, all_image)
+    by_slot = text_emb.transpose(0, 1)  # [T, B, D]
+    # gathered slot by slot as [B, D] blocks, the shape gather_with_grad's backward expects
+    all_text = torch.stack([distributed.gather_with_grad(t) for t in by_slot])  # [T, W*B, D]
+    targets = distributed.contrastive_targets(image_emb.shape[0], image_emb.device)
+    per_image = scale * image_emb @ all_text.transpose(1, 2)  # [T, B, W*B]
+    per_text = scale * by_slot @ all_image.T
     targets = targets.repeat(slots)  # one row per (slot, local image), slot-major
     return (
         F.cross_entropy(per_image.flatten(0, 1), targets)
