@@ -141,6 +141,7 @@ def _add_sources(commands, common) -> None:
     p.add_argument("out", type=Path)
     p.add_argument("--image-col", required=True)
     p.add_argument("--caption-col", required=True)
+    _long_caption_option(p)
     p.add_argument(
         "--root",
         type=Path,
@@ -169,6 +170,7 @@ def _add_sources(commands, common) -> None:
     p.add_argument("out", type=Path)
     p.add_argument("--image-col", required=True)
     p.add_argument("--caption-col", required=True)
+    _long_caption_option(p)
     p.add_argument("--split", default=None, help="split of a DatasetDict")
 
     p = _add(
@@ -176,6 +178,17 @@ def _add_sources(commands, common) -> None:
     )
     p.add_argument("pattern", help="shards, e.g. 'in/{00000..00009}.tar'")
     p.add_argument("out", type=Path)
+
+
+def _long_caption_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--long-caption-col",
+        action="append",
+        default=[],
+        metavar="C",
+        help="column of long captions (text or a list of texts) for the .json sidecar's `long` "
+        "list, e.g. for DreamLIP sub-captions; repeat for several columns",
+    )
 
 
 def _add_eval_and_verify(commands, common) -> None:

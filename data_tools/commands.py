@@ -141,7 +141,9 @@ def _classification_source(args: argparse.Namespace):
 def run_table(args: argparse.Namespace) -> int:
     from data_tools.sources.table import TableSource
 
-    source = TableSource(args.table, args.image_col, args.caption_col, args.root)
+    source = TableSource(
+        args.table, args.image_col, args.caption_col, args.root, args.long_caption_col
+    )
     return write_train(source, args.out, args, image_options(args))
 
 
@@ -154,7 +156,9 @@ def run_folder(args: argparse.Namespace) -> int:
 def run_hf(args: argparse.Namespace) -> int:
     from data_tools.sources.hf import HfSource
 
-    source = HfSource(args.path, args.image_col, args.caption_col, args.split)
+    source = HfSource(
+        args.path, args.image_col, args.caption_col, args.split, args.long_caption_col
+    )
     return write_train(source, args.out, args, image_options(args))
 
 

@@ -451,3 +451,69 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
     assert two["grads"].keys() == grads.keys() and "logit_scale_local" in grads
     for name, grad in grads.items():
         torch.testing.assert_close(two["grads"][name], grad, atol=1e-6, rtol=0, msg=name)
+
+
+# ---- sharder: long-caption columns
+
+
+def _sidecars(out: Path) -> list[dict]:
+    from tests.conftest import tar_members
+
+    metas = []
+    for shard in sorted((out / "train").glob("*.tar")):
+        members = tar_members(shard)
+        metas += [json.loads(members[n]) for n in sorted(members) if n.endswith(".json")]
+    return metas
+
+
+def test_table_long_caption_columns_fill_the_sidecar(tmp_path, cli):
+    from tests.conftest import make_image
+
+    rows = [
+        {"file": f"{i}.jpg", "text": f"raw {i}", "long_a": f"A{i}. B{i}.", "long_b": [f"C{i}."]}
+        for i in range(3)
+    ]
+    rows[1]["long_a"], rows[2]["long_b"] = "", None
+    for i in range(3):
+        make_image(tmp_path / f"{i}.jpg", seed=i)
+    table = tmp_path / "t.jsonl"
+    table.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["table", table, tmp_path / "out", "--image-col", "file", "--caption-col", "text"]
+    code, out, _ = cli(*args, "--long-caption-col", "long_a", "--long-caption-col", "long_b")
+    assert code == 0, out
+    assert [m["long"] for m in _sidecars(tmp_path / "out")] == [
+        ["A0. B0.", "C0."],
+        ["C1."],
+        ["A2. B2."],
+    ]
+    code, _, err = cli(*args[:2], tmp_path / "o2", *args[3:], "--long-caption-col", "nope")
+    assert code == 2 and "no column 'nope'" in err and "long_a" in err
+
+
+def test_hf_long_caption_column_fills_the_sidecar(tmp_path, cli):
+    import datasets
+
+    from tests.conftest import make_image
+
+    images = [make_image(tmp_path / f"{i}.jpg", seed=i).read_bytes() for i in range(2)]
+    data = datasets.Dataset.from_dict(
+        {
+            "image": [{"bytes": b, "path": None} for b in images],
+            "caption": ["c0", "c1"],
+            "long": [["L0. M0.", "N0."], ["L1."]],
+        },
+        features=datasets.Features(
+            {
+                "image": datasets.Image(),
+                "caption": datasets.Value("string"),
+                "long": datasets.Sequence(datasets.Value("string")),
+            }
+        ),
+    )
+    data.save_to_disk(str(tmp_path / "ds"))
+    code, _, err = cli(
+        "hf", tmp_path / "ds", tmp_path / "out", "--image-col", "image", "--caption-col",
+        "caption", "--long-caption-col", "long", "--image-size", "32",
+    )  # fmt: skip
+    assert code == 0, err
+    assert [m["long"] for m in _sidecars(tmp_path / "out")] == [["L0. M0.", "N0."], ["L1."]]
