@@ -128,6 +128,12 @@ def _add_sources(commands, common) -> None:
     p.add_argument("--idx-dir", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
     p.add_argument("--mosaic", action="store_true", help="2x2 mosaics with one sentence per tile")
     p.add_argument("--num-samples", type=int, default=None, help="limit training samples")
+    p.add_argument(
+        "--eval-samples",
+        type=int,
+        default=1000,
+        help="mosaics in each mosaic retrieval eval set (--mosaic; default: 1000)",
+    )
     p.add_argument("--seed", type=int, default=0)
 
     p = _add(

@@ -174,6 +174,8 @@ def run_fashion_mnist(args: argparse.Namespace) -> int:
     image = image_options(args, size=64)
     if args.num_samples is not None and args.num_samples < 1:
         raise UsageError(f"--num-samples {args.num_samples} must be at least 1")
+    if args.eval_samples < 1:
+        raise UsageError(f"--eval-samples {args.eval_samples} must be at least 1")
     train = fm.FashionMnistSource(args.idx_dir, "train", args.mosaic, args.num_samples, args.seed)
     write_train(train, args.out, args, image)
     test = fm.FashionMnistSource(args.idx_dir, "test")
@@ -183,6 +185,16 @@ def run_fashion_mnist(args: argparse.Namespace) -> int:
         test, eval_dir, fm.CLASSNAMES, templates, image, write_options(args)
     )
     report(summary, "eval/fashion-mnist")
+    if args.mosaic:
+        for view in ("sentences", "long"):
+            mosaics = fm.FashionMnistSource(
+                args.idx_dir, "test", True, args.eval_samples, captions=view
+            )
+            name = f"mosaic-retrieval-{view}"
+            report(
+                write_retrieval_set(mosaics, args.out / "eval" / name, image, write_options(args)),
+                f"eval/{name}",
+            )
     return 0
 
 
@@ -199,9 +211,13 @@ def run_demo(args: argparse.Namespace) -> int:
         shapes, args.out / "eval" / "shapes", demo.SHAPES, demo.SHAPE_TEMPLATES, image, opts
     )
     report(summary, "eval/shapes")
-    retrieval = demo.RetrievalEvalSource(args.eval_samples, image.size, args.seed)
-    report(
-        write_retrieval_set(retrieval, args.out / "eval" / "retrieval", image, opts),
-        "eval/retrieval",
-    )
+    for view, name in (
+        ("all", "retrieval"),
+        ("sentences", "retrieval-sentences"),
+        ("long", "retrieval-long"),
+    ):
+        retrieval = demo.RetrievalEvalSource(args.eval_samples, image.size, args.seed, view)
+        report(
+            write_retrieval_set(retrieval, args.out / "eval" / name, image, opts), f"eval/{name}"
+        )
     return 0
