@@ -517,3 +517,47 @@ def test_hf_long_caption_column_fills_the_sidecar(tmp_path, cli):
     )  # fmt: skip
     assert code == 0, err
     assert [m["long"] for m in _sidecars(tmp_path / "out")] == [["L0. M0.", "N0."], ["L1."]]
+
+
+# ---- configs and the training loop
+
+
+@pytest.mark.parametrize("name", ["dreamlip_demo.yaml", "dreamlip_fashion_mosaic.yaml"])
+def test_dreamlip_configs_load_with_both_terms_on(name):
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / name)
+    assert cfg.data.caption == "subcaptions"
+    assert set(cfg.objectives.active()) == {"multi_positive", "subcaption_grouping", "caption"}
+
+
+def test_training_steps_log_both_terms_and_the_grouping_temperature(tmp_path):
+    from vlp.train import Trainer
+
+    pattern = _shards(tmp_path)
+    cfg = load_config(
+        None,
+        [
+            f"data.train_shards={pattern}",
+            "data.caption=subcaptions",
+            "data.subcaptions.num=2",
+            "data.batch_size=4",
+            "data.workers=0",
+            "data.shuffle_buffer=6",
+            "model.name=vlp-tiny-clip",
+            "objectives.contrastive.weight=0",
+            "objectives.multi_positive.weight=1",
+            "objectives.subcaption_grouping.weight=1",
+            "train.steps=2",
+            "train.log_every_steps=1",
+            "checkpoint.every_steps=2",
+            f"run.output_dir={tmp_path / 'run'}",
+            "run.trackers=[]",
+        ],
+    )
+    Trainer(cfg).train()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    last = records[-1]
+    assert math.isfinite(last["loss/subcaption_grouping"]) and last["logit_scale_local"] > 1
+    meta = json.loads(next((tmp_path / "run" / "checkpoints").glob("step_*/meta.json")).read_text())
+    assert {"num": 2, "splitter": "dreamlip", "merge": 1, "exclude_last": False} in meta["data"][
+        "stream"
+    ]["keys"]
