@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
@@ -428,6 +429,13 @@ def test_subcaption_config_errors_name_the_key(overrides, message):
         load_config(None, ["data.train_shards=x", *overrides])
 
 
+def _free_port() -> int:
+    """A port nothing listens on now (tests of other checkouts may run torchrun meanwhile)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.mark.slow
 def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
     """multi_positive + subcaption_grouping (with masked slots) + caption on a tiny CoCa."""
@@ -436,7 +444,7 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     out = tmp_path / "two.pt"
     result = subprocess.run(
-        [torchrun, "--nproc_per_node", "2", "--master_port", "29518"]
+        [torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port())]
         + ["-m", "tests.dreamlip_distributed", str(out)],
         cwd=Path(__file__).resolve().parents[1],
         capture_output=True,
