@@ -128,6 +128,12 @@ def _add_sources(commands, common) -> None:
     p.add_argument("--idx-dir", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
     p.add_argument("--mosaic", action="store_true", help="2x2 mosaics with one sentence per tile")
     p.add_argument("--num-samples", type=int, default=None, help="limit training samples")
+    p.add_argument(
+        "--eval-samples",
+        type=int,
+        default=1000,
+        help="mosaics in each mosaic retrieval eval set (--mosaic; default: 1000)",
+    )
     p.add_argument("--seed", type=int, default=0)
 
     p = _add(
@@ -141,6 +147,7 @@ def _add_sources(commands, common) -> None:
     p.add_argument("out", type=Path)
     p.add_argument("--image-col", required=True)
     p.add_argument("--caption-col", required=True)
+    _long_caption_option(p)
     p.add_argument(
         "--root",
         type=Path,
@@ -169,6 +176,7 @@ def _add_sources(commands, common) -> None:
     p.add_argument("out", type=Path)
     p.add_argument("--image-col", required=True)
     p.add_argument("--caption-col", required=True)
+    _long_caption_option(p)
     p.add_argument("--split", default=None, help="split of a DatasetDict")
 
     p = _add(
@@ -176,6 +184,17 @@ def _add_sources(commands, common) -> None:
     )
     p.add_argument("pattern", help="shards, e.g. 'in/{00000..00009}.tar'")
     p.add_argument("out", type=Path)
+
+
+def _long_caption_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--long-caption-col",
+        action="append",
+        default=[],
+        metavar="C",
+        help="column of long captions (text or a list of texts) for the .json sidecar's `long` "
+        "list, e.g. for DreamLIP sub-captions; repeat for several columns",
+    )
 
 
 def _add_eval_and_verify(commands, common) -> None:

@@ -163,7 +163,9 @@ def _classification_source(args: argparse.Namespace):
 def run_table(args: argparse.Namespace) -> int:
     from data_tools.sources.table import TableSource
 
-    source = TableSource(args.table, args.image_col, args.caption_col, args.root)
+    source = TableSource(
+        args.table, args.image_col, args.caption_col, args.root, args.long_caption_col
+    )
     return write_train(source, args.out, args, image_options(args))
 
 
@@ -176,7 +178,9 @@ def run_folder(args: argparse.Namespace) -> int:
 def run_hf(args: argparse.Namespace) -> int:
     from data_tools.sources.hf import HfSource
 
-    source = HfSource(args.path, args.image_col, args.caption_col, args.split)
+    source = HfSource(
+        args.path, args.image_col, args.caption_col, args.split, args.long_caption_col
+    )
     return write_train(source, args.out, args, image_options(args))
 
 
@@ -192,6 +196,7 @@ def run_fashion_mnist(args: argparse.Namespace) -> int:
     image = image_options(args, size=64)
     if args.num_samples is not None:
         check_count(args.num_samples, "--num-samples")
+    check_count(args.eval_samples, "--eval-samples")
     train = fm.FashionMnistSource(args.idx_dir, "train", args.mosaic, args.num_samples, args.seed)
     write_train(train, args.out, args, image)
     test = fm.FashionMnistSource(args.idx_dir, "test")
@@ -201,6 +206,16 @@ def run_fashion_mnist(args: argparse.Namespace) -> int:
         test, eval_dir, fm.CLASSNAMES, templates, image, write_options(args)
     )
     report(summary, "eval/fashion-mnist")
+    if args.mosaic:
+        for view in ("sentences", "long"):
+            mosaics = fm.FashionMnistSource(
+                args.idx_dir, "test", True, args.eval_samples, captions=view
+            )
+            name = f"mosaic-retrieval-{view}"
+            report(
+                write_retrieval_set(mosaics, args.out / "eval" / name, image, write_options(args)),
+                f"eval/{name}",
+            )
     return 0
 
 
@@ -217,9 +232,13 @@ def run_demo(args: argparse.Namespace) -> int:
         shapes, args.out / "eval" / "shapes", demo.SHAPES, demo.SHAPE_TEMPLATES, image, opts
     )
     report(summary, "eval/shapes")
-    retrieval = demo.RetrievalEvalSource(args.eval_samples, image.size, args.seed)
-    report(
-        write_retrieval_set(retrieval, args.out / "eval" / "retrieval", image, opts),
-        "eval/retrieval",
-    )
+    for view, name in (
+        ("all", "retrieval"),
+        ("sentences", "retrieval-sentences"),
+        ("long", "retrieval-long"),
+    ):
+        retrieval = demo.RetrievalEvalSource(args.eval_samples, image.size, args.seed, view)
+        report(
+            write_retrieval_set(retrieval, args.out / "eval" / name, image, opts), f"eval/{name}"
+        )
     return 0

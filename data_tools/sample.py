@@ -39,6 +39,18 @@ class RawSample:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+def long_captions(cells: list[Any]) -> list[str]:
+    """The `.json` sidecar's `long` list from long-caption cells (each a string, a list of
+    strings, or empty): cleaned, empty ones dropped, order kept; non-UTF-8 raises BadSample."""
+    captions = []
+    for cell in cells:
+        for caption in cell if isinstance(cell, list) else [cell]:
+            if caption is None or isinstance(caption, str | bytes) and not caption.strip():
+                continue
+            captions.append(clean_caption(caption))
+    return captions
+
+
 def clean_caption(caption: str | bytes | None) -> str:
     """Decode (strictly, UTF-8) and strip a caption; raise BadSample if unusable."""
     if caption is None:

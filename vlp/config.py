@@ -48,6 +48,21 @@ class SourceConfig:
 
 
 @dataclass
+class SubcaptionConfig:
+    """DreamLIP sub-captions (`data.caption=subcaptions`): T = num + 1 texts per image."""
+
+    num: int = 6
+    """Sub-captions sampled per image per load (K); slot 0 is always the raw caption."""
+    splitter: str = "dreamlip"
+    """dreamlip: split at every '.', newline and '</s>' (the reference rule, quirks included);
+    sentence: sentence ends only (keeps decimals and abbreviations whole)."""
+    merge: int = 1
+    """Consecutive pool sentences joined (by '. ') into one sub-caption."""
+    exclude_last: bool = False
+    """Never draw the pool's last sentence (the reference code's off-by-one, for parity)."""
+
+
+@dataclass
 class DataConfig:
     train_shards: str = ""
     """Shard pattern: local path, brace pattern, or URL; '::' joins several patterns."""
@@ -69,7 +84,9 @@ class DataConfig:
     """Tar member extensions holding the image, first match wins."""
     text_key: str = "txt"
     caption: str = "raw"
-    """raw: the .txt caption; long: the first long caption in the .json; json:FIELD: that field."""
+    """raw: the .txt caption; long: the first long caption in the .json; json:FIELD: that field;
+    subcaptions: the .txt caption plus sentences sampled from the .json's long captions."""
+    subcaptions: SubcaptionConfig = field(default_factory=SubcaptionConfig)
     decoder_caption: str = "raw"
     """Target of the CoCa decoder: raw or long (the first long caption, truncated to context)."""
 
@@ -144,12 +161,33 @@ class CrossUniformityConfig:
 
 
 @dataclass
+class MultiPositiveConfig:
+    weight: float = 0.0
+    """DreamLIP's global loss: the mean over text slots of each slot's InfoNCE (1.0 in DreamLIP;
+    with one text per image it equals `contrastive`, which it replaces)."""
+    max_logit_scale: float = 100.0
+    """Clamp of the shared temperature's scale, as for `contrastive`."""
+
+
+@dataclass
+class GroupingConfig:
+    weight: float = 0.0
+    """DreamLIP's sub-caption grouping loss (1.0 in DreamLIP)."""
+    threshold: float = 0.0
+    """Min-max normalised patch weights below this are zeroed (sigma); negative: 1/patches."""
+    max_logit_scale: float = 100.0
+    """Clamp of the grouping loss's own learnable temperature's scale."""
+
+
+@dataclass
 class ObjectivesConfig:
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
     alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
     uniformity: UniformityConfig = field(default_factory=UniformityConfig)
     cross_uniformity: CrossUniformityConfig = field(default_factory=CrossUniformityConfig)
+    multi_positive: MultiPositiveConfig = field(default_factory=MultiPositiveConfig)
+    subcaption_grouping: GroupingConfig = field(default_factory=GroupingConfig)
 
     def active(self) -> dict[str, Any]:
         """Terms with a non-zero weight, by name; a zero weight means the term is not built."""
@@ -250,10 +288,12 @@ def _validate(cfg: Config) -> None:
         (cfg.checkpoint.every_steps >= 1, "checkpoint.every_steps", "at least 1"),
         (cfg.checkpoint.keep >= 1, "checkpoint.keep", "at least 1"),
         (
-            cfg.data.caption in ("raw", "long") or cfg.data.caption.startswith("json:"),
+            cfg.data.caption in ("raw", "long", "subcaptions")
+            or cfg.data.caption.startswith("json:"),
             "data.caption",
-            "raw, long or json:FIELD",
+            "raw, long, subcaptions or json:FIELD",
         ),
+        *_subcaption_checks(cfg),
         (cfg.data.decoder_caption in ("raw", "long"), "data.decoder_caption", "raw or long"),
         (bool(cfg.objectives.active()), "objectives", "at least one term with a non-zero weight"),
         *_number_checks(cfg),
@@ -277,11 +317,10 @@ def _validate(cfg: Config) -> None:
 
 def _number_checks(cfg: Config) -> list[tuple[bool, str, str]]:
     """Every float finite (nan and inf parse as floats) and the ranges the optimizer needs."""
-    slices = {
-        "train": cfg.train,
-        "objectives.contrastive": cfg.objectives.contrastive,
-        "objectives.caption": cfg.objectives.caption,
+    terms = {
+        f"objectives.{f.name}": getattr(cfg.objectives, f.name) for f in fields(ObjectivesConfig)
     }
+    slices = {"train": cfg.train, **terms}
     floats = [
         (f"{section}.{f.name}", getattr(part, f.name))
         for section, part in slices.items()
@@ -290,18 +329,46 @@ def _number_checks(cfg: Config) -> list[tuple[bool, str, str]]:
     ]
     floats += [(f"data.sources.{i}.weight", s.weight) for i, s in enumerate(cfg.data.sources)]
     train = cfg.train
+    return (
+        [(math.isfinite(value), key, f"a finite number, not {value}") for key, value in floats]
+        + [
+            (train.lr > 0, "train.lr", f"positive, not {train.lr}"),
+            (0 <= train.min_lr <= train.lr, "train.min_lr", f"in [0, train.lr={train.lr}]"),
+            (train.weight_decay >= 0, "train.weight_decay", "0 or more"),
+            (0 <= train.beta1 < 1 and 0 <= train.beta2 < 1, "train.beta1/beta2", "in [0, 1)"),
+            (train.eps > 0, "train.eps", "positive"),
+            (train.grad_clip >= 0, "train.grad_clip", "0 (off) or more"),
+            (0 <= train.seed < 2**32, "train.seed", f"in [0, 2**32), not {train.seed}"),
+        ]
+        + [(term.weight >= 0, f"{key}.weight", "0 or more") for key, term in terms.items()]
+    )
+
+
+def _subcaption_checks(cfg: Config) -> list[tuple[bool, str, str]]:
+    sub, objectives = cfg.data.subcaptions, cfg.objectives
     return [
-        (math.isfinite(value), key, f"a finite number, not {value}") for key, value in floats
-    ] + [
-        (train.lr > 0, "train.lr", f"positive, not {train.lr}"),
-        (0 <= train.min_lr <= train.lr, "train.min_lr", f"in [0, train.lr={train.lr}]"),
-        (train.weight_decay >= 0, "train.weight_decay", "0 or more"),
-        (0 <= train.beta1 < 1 and 0 <= train.beta2 < 1, "train.beta1/beta2", "in [0, 1)"),
-        (train.eps > 0, "train.eps", "positive"),
-        (train.grad_clip >= 0, "train.grad_clip", "0 (off) or more"),
-        (0 <= train.seed < 2**32, "train.seed", f"in [0, 2**32), not {train.seed}"),
-        (cfg.objectives.contrastive.weight >= 0, "objectives.contrastive.weight", "0 or more"),
-        (cfg.objectives.caption.weight >= 0, "objectives.caption.weight", "0 or more"),
+        (sub.num >= 1, "data.subcaptions.num", "at least 1"),
+        (
+            sub.splitter in ("dreamlip", "sentence"),
+            "data.subcaptions.splitter",
+            "dreamlip or sentence",
+        ),
+        (sub.merge >= 1, "data.subcaptions.merge", "at least 1"),
+        (
+            objectives.multi_positive.max_logit_scale >= 1,
+            "objectives.multi_positive.max_logit_scale",
+            "at least 1",
+        ),
+        (
+            objectives.subcaption_grouping.max_logit_scale >= 1,
+            "objectives.subcaption_grouping.max_logit_scale",
+            "at least 1",
+        ),
+        (
+            objectives.subcaption_grouping.threshold < 1,
+            "objectives.subcaption_grouping.threshold",
+            "below 1 (min-max weights lie in [0, 1); negative: 1/patches)",
+        ),
     ]
 
 

@@ -77,6 +77,15 @@ def gather_with_grad(x: Tensor) -> Tensor:
         return torch.cat(dist_fn.all_gather(x), dim=0)
 
 
+def gather(x: Tensor) -> Tensor:
+    """Concatenate `x` from all ranks along dim 0, without gradient (masks, counts)."""
+    if not is_distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
 def contrastive_targets(num_local: int, device: torch.device | str) -> Tensor:
     """Row i of this rank's logits matches global column rank * num_local + i."""
     return torch.arange(num_local, device=device) + rank() * num_local

@@ -2,7 +2,8 @@
 
 The wrapper keeps the open_clip model as `self.clip` untouched, so `model.clip.state_dict()` is
 an open_clip state dict (that is what checkpoints export), and adds only what open_clip lacks:
-several texts per image ([B, T, L] in, [B, T, D] out), text towers that skip trailing padding
+several texts per image ([B, T, L] in, [B, T, D] out), patch embeddings in the joint space and
+a second learnable temperature for DreamLIP's grouping loss, text towers that skip trailing padding
 where that leaves every output unchanged, and a CoCa caption path that decodes only up to the
 batch's longest caption and projects to the vocabulary only where there is a target.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +21,7 @@ from typing import Any
 import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import TextTransformer, text_global_pool
+from open_clip.transformer import TextTransformer, VisionTransformer, text_global_pool
 from safetensors import SafetensorError
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -55,18 +57,32 @@ class ModelOutput:
     """[N, V] decoder logits at the N caption positions that have a target (CoCa only)."""
     caption_targets: Tensor | None = None
     """[N] the tokens those positions predict (the caption shifted by one; CoCa only)."""
+    patch_emb: Tensor | None = None
+    """[B, M, D] L2-normalised patch tokens in the joint space (when the model was built with
+    patch_emb=True)."""
+    logit_scale_local: Tensor | None = None
+    """() exp(logit_scale_local): the grouping loss's temperature's inverse (with patch_emb)."""
 
 
 class VLPModel(nn.Module):
-    """An open_clip CLIP or CoCa model with vlp's forward."""
+    """An open_clip CLIP or CoCa model with vlp's forward.
 
-    def __init__(self, clip: nn.Module, pad_id: int = 0):
+    With `patch_emb=True` the forward also returns the image tower's patch tokens projected into
+    the joint space, and the model owns `logit_scale_local` (init ln(1/0.07)), a training-only
+    parameter outside `self.clip`, so exported open_clip weights are unchanged.
+    """
+
+    def __init__(self, clip: nn.Module, pad_id: int = 0, patch_emb: bool = False):
         super().__init__()
         self.clip = clip
         self.pad_id = pad_id
         self.has_decoder = hasattr(clip, "text_decoder")
         self.trims_text = can_trim_text(clip)
         self.trims_coca_text = can_trim_coca_text(clip)
+        self.patch_emb = patch_emb
+        if patch_emb:
+            check_patch_projection(clip.visual)
+            self.logit_scale_local = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     @property
     def logit_scale(self) -> nn.Parameter:
@@ -75,11 +91,17 @@ class VLPModel(nn.Module):
     def forward(self, images: Tensor, text: Tensor, decoder_text: Tensor | None = None):
         """images [B, 3, H, W]; text [B, T, L] token ids; decoder_text [B, L] or None (slot 0)."""
         batch, slots, length = text.shape
-        if self.has_decoder:
+        patches = image_tokens = None
+        if self.patch_emb:
+            image_emb, image_tokens, patches = self._encode_image_with_patches(images)
+        elif self.has_decoder:
             image_emb, image_tokens = self.clip._encode_image(images, normalize=True)
-            text_latent, text_tokens = self._encode_coca_text(text.reshape(-1, length))
         else:
             image_emb = self.clip.encode_image(images, normalize=True)
+        # rows of [B*T, L] are image-major (b*T + k), so reshape restores [B, T, D] exactly
+        if self.has_decoder:
+            text_latent, text_tokens = self._encode_coca_text(text.reshape(-1, length))
+        else:
             text_latent = self._encode_text(text.reshape(-1, length))
         text_all = text_latent.reshape(batch, slots, -1)
         out = ModelOutput(
@@ -87,6 +109,8 @@ class VLPModel(nn.Module):
             text_emb=text_all[:, 0],
             logit_scale=self.clip.logit_scale.exp(),
             text_emb_all=text_all if slots > 1 else None,
+            patch_emb=patches,
+            logit_scale_local=self.logit_scale_local.exp() if self.patch_emb else None,
         )
         if self.has_decoder:
             if decoder_text is None:
@@ -98,6 +122,21 @@ class VLPModel(nn.Module):
                 image_tokens, decoder_tokens, decoder_text
             )
         return out
+
+    def _encode_image_with_patches(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(normalised image embeddings [B, D], the tower's usual token output (CoCa's decoder
+        input), normalised patch embeddings [B, M, D]) from one pass of the image tower.
+
+        open_clip's VisionTransformer.forward, also keeping the transformer's output: the
+        patch tokens (CLS dropped) before any attention pooler, through the tower's own
+        ln_post and projection, the same map that takes CLIP's CLS token to the joint space.
+        """
+        visual = self.clip.visual
+        x = visual.transformer(visual._embeds(images))
+        pooled, tokens = visual._pool(x)
+        pooled = pooled @ visual.proj
+        patches = visual.ln_post(x[:, 1:]) @ visual.proj
+        return F.normalize(pooled, dim=-1), tokens, F.normalize(patches, dim=-1)
 
     def _encode_text(self, tokens: Tensor) -> Tensor:
         """Normalised text embeddings [N, D]; drops trailing padding where that is exact."""
@@ -183,6 +222,22 @@ def decoder_states(decoder: nn.Module, image_tokens: Tensor, text_embs: Tensor) 
     return decoder.ln_final(text_embs)
 
 
+def check_patch_projection(visual: nn.Module) -> None:
+    """Patch embeddings need open_clip's ViT whose ln_post and proj fit its token width."""
+    if type(visual) is not VisionTransformer or visual.proj is None:
+        raise ConfigError(
+            "objectives.subcaption_grouping needs patch embeddings: the model's image tower must "
+            "be open_clip's VisionTransformer with a projection (not a timm or ResNet tower)"
+        )
+    width = visual.conv1.out_channels
+    if visual.ln_post.normalized_shape[0] != width or visual.proj.shape[0] != width:
+        raise ConfigError(
+            f"objectives.subcaption_grouping needs patch embeddings, but the image tower's width "
+            f"{width} differs from its projection's input {visual.proj.shape[0]} (a CoCa needs "
+            "embed_dim equal to vision width): choose such a model config"
+        )
+
+
 def longest(tokens: Tensor, pad_id: int) -> int:
     """1 + the last non-padding position over the whole batch (tokens [..., L])."""
     used = (tokens != pad_id).flatten(0, -2).any(0).nonzero()
@@ -214,8 +269,11 @@ def can_trim_coca_text(clip: nn.Module) -> bool:
     )
 
 
-def build_model(model_cfg: Any) -> tuple[VLPModel, Any, Any, Any]:
-    """(model, train transform, eval transform, tokenizer) from the model config slice."""
+def build_model(model_cfg: Any, patch_emb: bool = False) -> tuple[VLPModel, Any, Any, Any]:
+    """(model, train transform, eval transform, tokenizer) from the model config slice.
+
+    `patch_emb`: also return patch embeddings and own `logit_scale_local` (objectives that need
+    them say so; see WeightedObjective.needs_patches)."""
     register_model_configs(*model_cfg.config_dirs)
     name = model_cfg.name
     if name not in open_clip.list_models():
@@ -254,7 +312,7 @@ def build_model(model_cfg: Any) -> tuple[VLPModel, Any, Any, Any]:
     if model_cfg.grad_checkpointing:
         clip.set_grad_checkpointing(True)
     return (
-        VLPModel(clip, pad_id=getattr(clip, "pad_id", 0)),
+        VLPModel(clip, pad_id=getattr(clip, "pad_id", 0), patch_emb=patch_emb),
         train_transform,
         eval_transform,
         tokenizer,

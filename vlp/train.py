@@ -60,8 +60,10 @@ class Trainer:
         )
         set_seed(cfg.train.seed)
         torch.use_deterministic_algorithms(cfg.train.deterministic)
-        model, train_transform, eval_transform, tokenizer = build_model(cfg.model)
         self.objective = WeightedObjective(cfg.objectives)
+        model, train_transform, eval_transform, tokenizer = build_model(
+            cfg.model, patch_emb=self.objective.needs_patches
+        )
         if "caption" in self.objective.terms and not model.has_decoder:
             raise ConfigError(
                 f"objectives.caption.weight={cfg.objectives.caption.weight} but model "
@@ -159,7 +161,8 @@ class Trainer:
             "grad_accum": self.cfg.train.grad_accum,
             "workers": max(1, data.workers),
             "processes": distributed.world_size(),
-            "keys": [data.image_key, data.text_key, data.caption, data.decoder_caption],
+            "keys": [data.image_key, data.text_key, data.caption, data.decoder_caption]
+            + ([asdict(data.subcaptions)] if data.caption == "subcaptions" else []),
         }
 
     @property
@@ -209,10 +212,12 @@ class Trainer:
             totals["grad_norm"] = acc.clip_grad_norm_(self.model.parameters(), train_cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        clip = acc.unwrap_model(self.model).clip
-        self.objective.after_optimizer_step(clip)
+        model = acc.unwrap_model(self.model)
+        self.objective.after_optimizer_step(model)
         totals["lr"] = lr
-        totals["logit_scale"] = clip.logit_scale.detach().exp()
+        totals["logit_scale"] = model.logit_scale.detach().exp()
+        if model.patch_emb:
+            totals["logit_scale_local"] = model.logit_scale_local.detach().exp()
         return totals, wait
 
     def _micro_steps(self, batches) -> tuple[dict[str, Any], float]:

@@ -401,20 +401,43 @@ class ShapesEvalSource(_Generated):
         return RawSample(image=image, label=SHAPES.index(obj.shape), meta=obj.meta())
 
 
+RETRIEVAL_VIEWS = ("all", "sentences", "long")
+
+
 class RetrievalEvalSource(_Generated):
-    """Retrieval: each image with its short caption and two long captions."""
+    """Retrieval: each image with its captions; the same images for every `captions` view.
+
+    all: the short caption and the two long captions; sentences: the first long caption's
+    sentences about one object each (its count sentence left out), one query per object;
+    long: the two long captions only.
+    """
 
     kind = "demo_retrieval_eval"
 
-    def __init__(self, num_samples: int, image_size: int = 64, seed: int = 0):
+    def __init__(
+        self, num_samples: int, image_size: int = 64, seed: int = 0, captions: str = "all"
+    ):
         super().__init__(num_samples, image_size, seed, "eval/retrieval")
+        if captions not in RETRIEVAL_VIEWS:
+            raise UsageError(f"captions must be one of {RETRIEVAL_VIEWS}, got {captions!r}")
+        self.captions = captions
 
     def read(self, index: int) -> RawSample:
         scene = _scene(self._rng(index), self.image_size)
+        sentences = [_sentences(caption) for caption in scene.long]
         meta = {
             "raw": scene.raw,
             "long": scene.long,
-            "sentences": [_sentences(caption) for caption in scene.long],
+            "sentences": sentences,
             "objects": [obj.meta() for obj in scene.objects],
         }
-        return RawSample(image=scene.image, caption=[scene.raw, *scene.long], meta=meta)
+        captions = {
+            "all": [scene.raw, *scene.long],
+            "sentences": sentences[0][1:],
+            "long": scene.long,
+        }[self.captions]
+        return RawSample(image=scene.image, caption=captions, meta=meta)
+
+    def describe(self) -> dict[str, Any]:
+        view = {} if self.captions == "all" else {"captions": self.captions}
+        return {**super().describe(), **view}

@@ -2,7 +2,9 @@
 
 Single items get varied class-name captions; mosaics place four items in a 2x2 grid with a
 short caption listing them and a long caption with one sentence per tile (for DreamLIP-style
-sub-caption objectives). The test split becomes a clip_benchmark zero-shot eval set.
+sub-caption objectives). The test split becomes a clip_benchmark zero-shot eval set, and with
+mosaics also two retrieval sets of test mosaics: one sentence per tile as queries, or the long
+caption.
 """
 
 from __future__ import annotations
@@ -94,8 +96,12 @@ class FashionMnistSource(Source):
         mosaic: bool = False,
         num_samples: int | None = None,
         seed: int = 0,
+        captions: str | None = None,
     ):
+        """`captions` (mosaics only): None for training samples (short caption + sidecar);
+        "sentences" (the four tile sentences) or "long" for a retrieval eval set."""
         self.idx_dir, self.split, self.mosaic, self.seed = idx_dir, split, mosaic, seed
+        self.captions = captions
         self.images, self.labels = load_split(idx_dir, split)
         available = len(self.images) // 4 if mosaic else len(self.images)
         # mosaics take consecutive blocks of one seeded permutation: each item appears once
@@ -138,6 +144,9 @@ class FashionMnistSource(Source):
             a = article(name)
             sentences.append(template.format(A=a.capitalize(), a=a, c=name, p=position))
         long = " ".join(sentences)
+        if self.captions is not None:  # retrieval: the tile sentences, or the long caption
+            queries = sentences[1:] if self.captions == "sentences" else [long]
+            return RawSample(image=Image.fromarray(canvas), caption=queries)
         meta = {
             "labels": [int(self.labels[r]) for r in rows],
             "classes": names,
@@ -158,4 +167,5 @@ class FashionMnistSource(Source):
             "mosaic": self.mosaic,
             "num_samples": self.num_samples,
             "seed": self.seed,
+            **({"captions": self.captions} if self.captions else {}),
         }

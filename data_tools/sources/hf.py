@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from data_tools.errors import UsageError
-from data_tools.sample import RawSample
+from data_tools.sample import RawSample, long_captions
 from data_tools.sources import Source
 
 
@@ -38,15 +38,28 @@ def load_hf(path: Path, split: str | None):
 
 
 class HfSource(Source):
-    """One item per row; image columns may be `Image` features, raw bytes or file paths."""
+    """One item per row; image columns may be `Image` features, raw bytes or file paths.
 
-    def __init__(self, path: Path, image_col: str, caption_col: str, split: str | None = None):
+    `long_cols`: columns of long captions (a string or a list of strings per row), stored in
+    column order as the `.json` sidecar's `long` list.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        image_col: str,
+        caption_col: str,
+        split: str | None = None,
+        long_cols: list[str] | tuple[str, ...] = (),
+    ):
         import datasets
 
         self.path, self.split = path, split
         self.image_col, self.caption_col = image_col, caption_col
+        self.long_cols = list(long_cols)
         dataset = load_hf(path, split)
-        missing = [c for c in (image_col, caption_col) if c not in dataset.column_names]
+        wanted = [image_col, caption_col, *self.long_cols]
+        missing = [c for c in wanted if c not in dataset.column_names]
         if missing:
             raise UsageError(
                 f"{path}: no column {', '.join(map(repr, missing))}; "
@@ -55,7 +68,7 @@ class HfSource(Source):
         if isinstance(dataset.features[image_col], datasets.Image):
             # keep the encoded bytes: decoding happens once, in our validated path
             dataset = dataset.cast_column(image_col, datasets.Image(decode=False))
-        self.dataset = dataset.select_columns([image_col, caption_col])
+        self.dataset = dataset.select_columns(list(dict.fromkeys(wanted)))
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -67,6 +80,8 @@ class HfSource(Source):
         if isinstance(caption, list):
             meta["captions"] = caption
             caption = caption[0] if caption else None
+        if self.long_cols:
+            meta["long"] = long_captions([row[c] for c in self.long_cols])
         return RawSample(image=self._image(row[self.image_col]), caption=caption, meta=meta)
 
     def _image(self, cell: Any):
@@ -90,4 +105,5 @@ class HfSource(Source):
             "split": self.split,
             "image_col": self.image_col,
             "caption_col": self.caption_col,
+            **({"long_caption_cols": self.long_cols} if self.long_cols else {}),
         }

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from data_tools.errors import UsageError
-from data_tools.sample import BadSample, RawSample, Reason
+from data_tools.sample import BadSample, RawSample, Reason, long_captions
 from data_tools.sources import Source
 
 TABLE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".parquet": "parquet"}
@@ -99,14 +99,27 @@ def _read_parquet(path: Path, columns: list[str]):
 
 
 class TableSource(Source):
-    """One item per table row: an image path (relative to `root`) and a caption."""
+    """One item per table row: an image path (relative to `root`) and a caption.
 
-    def __init__(self, path: Path, image_col: str, caption_col: str, root: Path | None = None):
+    `long_cols` name columns of long captions (a string or a list of strings per cell); their
+    non-empty captions go, in column order, to the `.json` sidecar's `long` list.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        image_col: str,
+        caption_col: str,
+        root: Path | None = None,
+        long_cols: list[str] | tuple[str, ...] = (),
+    ):
         self.path = path
         self.image_col, self.caption_col = image_col, caption_col
+        self.long_cols = list(long_cols)
         self.root = root if root is not None else path.parent
-        _, values = read_table(path, [image_col, caption_col])
+        _, values = read_table(path, [image_col, caption_col, *self.long_cols])
         self.images, self.captions = values[image_col], values[caption_col]
+        self.long = list(zip(*(values[c] for c in self.long_cols), strict=True))
         _reject_urls(path, image_col, self.images)
 
     def __len__(self) -> int:
@@ -116,7 +129,10 @@ class TableSource(Source):
         image, caption = self.images[index], self.captions[index]
         if image is _MALFORMED or caption is _MALFORMED:
             raise BadSample(Reason.MALFORMED_ROW, "row could not be parsed")
-        return RawSample(image=self.image_path(image), caption=caption, meta={"row": index})
+        meta: dict[str, Any] = {"row": index}
+        if self.long_cols:
+            meta["long"] = long_captions(list(self.long[index]))
+        return RawSample(image=self.image_path(image), caption=caption, meta=meta)
 
     def image_path(self, cell: Any) -> Path | None:
         if cell is None or cell == "":
@@ -136,6 +152,7 @@ class TableSource(Source):
             "image_col": self.image_col,
             "caption_col": self.caption_col,
             "root": str(self.root.resolve()),
+            **({"long_caption_cols": self.long_cols} if self.long_cols else {}),
         }
 
 

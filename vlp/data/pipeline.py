@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlp.data.format import Reason
 from vlp.data.shards import DataError, expand_shards, read_shard, shard_sequence
+from vlp.data.subcaptions import SPLITTERS, sample_subcaptions, sentence_pool
 
 MAX_PIXELS = 89_478_485
 
@@ -73,6 +74,8 @@ class Batch:
     """[B, 3, H, W] transformed images."""
     text: Tensor
     """[B, T, L] token ids of the captions (T = 1 for one caption per image)."""
+    text_mask: Tensor
+    """[B, T] bool: False where a sub-caption slot repeats the raw caption (empty pool)."""
     decoder_text: Tensor | None
     """[B, L] decoder targets when they differ from text slot 0, else None."""
     keys: list[str]
@@ -85,6 +88,7 @@ class Batch:
         """Called by the DataLoader's pinning thread (pin_memory=True) for fast copies to GPU."""
         self.images = self.images.pin_memory()
         self.text = self.text.pin_memory()
+        self.text_mask = self.text_mask.pin_memory()
         if self.decoder_text is not None:
             self.decoder_text = self.decoder_text.pin_memory()
         return self
@@ -98,7 +102,7 @@ class BadSample(Exception):
 
 @dataclass(frozen=True)
 class SampleDecoder:
-    """Raw tar sample -> (image tensor, caption tokens [1, L], decoder tokens [L] or None)."""
+    """Raw tar sample -> (image, caption tokens [T, L], slot mask [T], decoder tokens or None)."""
 
     transform: Callable[[Image.Image], Tensor]
     tokenizer: Callable[[list[str]], Tensor]
@@ -106,15 +110,28 @@ class SampleDecoder:
     text_key: str
     caption: str
     decoder_caption: str
+    subcaptions: Any = None
+    """The data.subcaptions slice (used when caption == "subcaptions")."""
 
-    def __call__(self, sample: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor | None]:
-        caption = self._text(sample, self.caption)
+    def __call__(self, sample: dict[str, Any], seed: int = 0):
+        """`seed` drives the sub-caption draw (the pipeline derives it from the position)."""
         image = self.transform(self._image(sample))
-        tokens = self.tokenizer([caption])  # [1, L]
+        if self.caption == "subcaptions":
+            texts, valid = self._subcaptions(sample, np.random.default_rng(seed))
+        else:
+            texts, valid = [self._text(sample, self.caption)], [True]
+        tokens = self.tokenizer(texts)  # [T, L]
         decoder = None
-        if self.decoder_caption != self.caption:
+        slot0 = "raw" if self.caption == "subcaptions" else self.caption
+        if self.decoder_caption != slot0:
             decoder = self.tokenizer([self._text(sample, self.decoder_caption)])[0]
-        return image, tokens, decoder
+        return image, tokens, torch.tensor(valid), decoder
+
+    def _subcaptions(self, sample: dict[str, Any], rng: np.random.Generator):
+        cfg = self.subcaptions
+        pool = sentence_pool(self._json(sample), SPLITTERS[cfg.splitter])
+        raw = self._text(sample, "raw")
+        return sample_subcaptions(raw, pool, cfg.num, rng, cfg.merge, cfg.exclude_last)
 
     def _image(self, sample: dict[str, Any]) -> Image.Image:
         key = next((k for k in self.image_keys if k in sample), None)
@@ -268,7 +285,8 @@ def worker_batches(
         try:
             with contextlib.nullcontext() if own_rng else torch.random.fork_rng(devices=[]):
                 torch.default_generator.manual_seed(mix(spec.seed, spec.slot(worker), drawn))
-                items.append((*decode(sample), sample["__key__"]))
+                texts_seed = mix(spec.seed, spec.slot(worker), drawn, 2)
+                items.append((*decode(sample, texts_seed), sample["__key__"]))
             good += 1
         except BadSample as bad_sample:
             bad[bad_sample.reason.value] += 1
@@ -289,16 +307,17 @@ def _no_usable_samples(decode: SampleDecoder, keys: set[str], bad: Counter) -> s
     return (
         f"no usable sample in the first shards: members seen {seen}; skipped {reasons}. "
         f"Expected an image ({'/'.join(decode.image_keys)}) and caption "
-        f"'{decode.text_key if decode.caption == 'raw' else decode.caption}': "
+        f"'{decode.text_key if decode.caption in ('raw', 'subcaptions') else decode.caption}': "
         "set data.image_key / data.text_key / data.caption to match the shards"
     )
 
 
 def _collate(items: list[tuple], worker: int, position: Position) -> Batch:
-    images, tokens, decoder, keys = zip(*items, strict=True)
+    images, tokens, masks, decoder, keys = zip(*items, strict=True)
     return Batch(
         images=torch.stack(images),
         text=torch.stack(tokens),
+        text_mask=torch.stack(masks),
         decoder_text=None if decoder[0] is None else torch.stack(decoder),
         keys=list(keys),
         worker=worker,
@@ -369,6 +388,7 @@ def build_loader(
         data_cfg.text_key,
         data_cfg.caption,
         data_cfg.decoder_caption,
+        data_cfg.subcaptions,
     )
     return DataLoader(
         TrainStream(spec, decode, positions, consumed),

@@ -2,8 +2,9 @@
 
 A term is a class registered in OBJECTIVES, built from its own config slice, and called as
 `term(out: ModelOutput, batch: Batch) -> Tensor`. It may define `prepare_model(model)` (run once,
-before the optimizer is built: e.g. to freeze its temperature) and `after_optimizer_step(model)`
-(e.g. to clamp its temperature). `WeightedObjective` builds the terms whose weight is non-zero.
+before the optimizer is built: e.g. to freeze its temperature), `after_optimizer_step(model)`
+(e.g. to clamp its temperature; `model` is the VLPModel in both) and `needs_patches = True` (the
+model must return patch embeddings). `WeightedObjective` builds the terms whose weight is non-zero.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ class WeightedObjective:
             self.terms[name] = OBJECTIVES.get(name)(term_cfg)
             self.weights[name] = term_cfg.weight
 
+    @property
+    def needs_patches(self) -> bool:
+        return any(getattr(term, "needs_patches", False) for term in self.terms.values())
+
     def __call__(self, out: Any, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
         logs: dict[str, Tensor] = {}
         total = torch.zeros((), device=out.image_emb.device)
@@ -51,4 +56,9 @@ class WeightedObjective:
                 hook(model)
 
 
-from vlp.objectives import caption, contrastive, geometry  # noqa: E402,F401  (registers the terms)
+from vlp.objectives import (  # noqa: E402,F401  (registers the terms)
+    caption,
+    contrastive,
+    dreamlip,
+    geometry,
+)
