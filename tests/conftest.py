@@ -13,6 +13,14 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+NO_DEMO_EVAL = (
+    "eval.shapes.every_steps=0",
+    "eval.shapes.at_end=false",
+    "eval.retrieval.every_steps=0",
+    "eval.retrieval.at_end=false",
+)
+"""Overrides that switch off configs/demo.yaml's evaluators: with data/demo built (make demo)
+they would otherwise run inside tests that train from that config on their own shards."""
 
 
 def make_image(path: Path, width: int = 96, height: int = 64, seed: int = 0) -> Path:

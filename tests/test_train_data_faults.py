@@ -16,6 +16,7 @@ import pytest
 import torchvision.transforms as T
 from PIL import Image
 
+from tests.conftest import NO_DEMO_EVAL
 from vlp.data.pipeline import BadSample as PipelineBadSample
 from vlp.data.pipeline import Cursor, Position, SampleDecoder, StreamSpec, pooled_items
 
@@ -120,6 +121,7 @@ def test_training_on_corrupt_shards_completes_and_counts_every_skip(tmp_path):
             f"train.steps={steps}",
             "train.log_every_steps=5",
             f"checkpoint.every_steps={steps}",
+            *NO_DEMO_EVAL,
         ],
         cwd=REPO,
         capture_output=True,

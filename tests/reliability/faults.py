@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 from safetensors.torch import load_file
 
+from tests.conftest import NO_DEMO_EVAL
 from vlp import checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
@@ -52,7 +53,7 @@ def train_command(shards: str, run_dir: Path, steps: int, *extra: str) -> list[s
         "objectives.caption.weight=0", "data.batch_size=8", "data.workers=2",
         "data.shuffle_buffer=60", f"train.steps={steps}", "train.warmup_steps=2",
         "train.deterministic=true", "train.log_every_steps=2", "checkpoint.every_steps=1",
-        "checkpoint.keep=2", "resume=latest", "run.trackers=[]", *extra,
+        "checkpoint.keep=2", "resume=latest", "run.trackers=[]", *NO_DEMO_EVAL, *extra,
     ]  # fmt: skip
 
 
@@ -395,7 +396,7 @@ def train_one_pass(faulty: FaultySet, run_dir: Path, batch: int) -> PassReport:
                  f"run.output_dir={run_dir}", "model.name=vlp-tiny-clip",
                  "objectives.caption.weight=0", f"data.batch_size={batch}", "data.workers=0",
                  "data.shuffle_buffer=1", f"train.steps={steps}", f"checkpoint.every_steps={steps}",
-                 "train.log_every_steps=1000", "run.trackers=[]"])  # fmt: skip
+                 "train.log_every_steps=1000", "run.trackers=[]", *NO_DEMO_EVAL])  # fmt: skip
     if code != 0:
         return PassReport(code, Counter(), Counter(), Counter(), faulty.good)
     final = run_dir / checkpoint.CHECKPOINT_DIR / checkpoint.checkpoint_name(steps)

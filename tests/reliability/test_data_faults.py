@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from data_tools.verify import verify
+from tests.conftest import NO_DEMO_EVAL
 from tests.reliability.faults import (
     TRAIN_REASON,
     VERIFY_REASON,
@@ -65,7 +66,7 @@ def test_wrong_member_keys_stop_after_one_whole_pool(faulty, tmp_path, capsys):
     code = main(["--config", "configs/demo.yaml", f"data.train_shards={faulty.pattern}",
                  f"run.output_dir={tmp_path}", "model.name=vlp-tiny-clip",
                  "objectives.caption.weight=0", "data.workers=0", "data.shuffle_buffer=1",
-                 "data.text_key=caption", "run.trackers=[]"])  # fmt: skip
+                 "data.text_key=caption", "run.trackers=[]", *NO_DEMO_EVAL])  # fmt: skip
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert code == 2 and len(errors) == 1, errors
     assert "members seen" in errors[0] and ".txt" in errors[0] and "data.text_key" in errors[0]

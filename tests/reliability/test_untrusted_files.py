@@ -13,6 +13,7 @@ import pytest
 
 from data_tools.verify import verify
 from eval.cli import main as eval_main
+from tests.conftest import NO_DEMO_EVAL
 from tests.reliability.faults import (
     PAYLOAD_MARKER,
     Payload,
@@ -34,7 +35,7 @@ def _train(shards: str, run_dir: Path, *extra: str) -> int:
                        f"run.output_dir={run_dir}", "model.name=vlp-tiny-clip",
                        "objectives.caption.weight=0", "data.batch_size=4", "data.workers=0",
                        "data.shuffle_buffer=15", "train.steps=1", "run.trackers=[]",
-                       "eval.shapes.at_end=false", "eval.retrieval.at_end=false",
+                       *NO_DEMO_EVAL,
                        *extra])  # fmt: skip
 
 
