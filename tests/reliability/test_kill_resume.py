@@ -16,7 +16,7 @@ from tests.reliability.faults import (
 )
 from vlp import checkpoint
 
-STEPS = 10
+STEPS = 30  # enough that the resumed run is still going when the second kill comes
 
 
 def test_kills_mid_run_and_mid_save_resume_to_identical_weights(tmp_path):
