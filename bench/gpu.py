@@ -185,12 +185,10 @@ class Fixture:
         """open_clip_train's step (accum_freq 1, amp_bf16): its model, loss and AdamW."""
         import open_clip
 
-        from vlp.model import init_decoder_projection
+        from vlp.model import new_clip
 
-        model = open_clip.create_model(self.name, output_dict=True).to(self.device)
-        coca = hasattr(model, "text_decoder")
-        if coca:
-            init_decoder_projection(model.text_decoder)
+        model = new_clip(self.name, output_dict=True).to(self.device)
+        if hasattr(model, "text_decoder"):
             loss_fn = open_clip.CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0)
         else:
             loss_fn = open_clip.ClipLoss()

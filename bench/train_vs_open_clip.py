@@ -889,7 +889,7 @@ class StepFixture:
         import torch
 
         from vlp.config import ModelConfig, ObjectivesConfig, TrainConfig
-        from vlp.model import build_model, init_decoder_projection, longest
+        from vlp.model import build_model, longest
         from vlp.objectives import WeightedObjective
         from vlp.optim import build_optimizer
 
@@ -908,11 +908,8 @@ class StepFixture:
         self.vlp_optimizer = build_optimizer(self.vlp, TrainConfig())  # fused
         # AdamW with torch's default for-each kernel, as open_clip's trainer builds it
         self.foreach_optimizer = open_clip_adamw(self.vlp)
-        # open_clip's own model as its trainer builds it (output_dict=True), patched like the
-        # peer runs: same decoder projection initialisation as vlp
+        # open_clip's own model as its trainer builds it (output_dict=True), with vlp's weights
         self.peer = open_clip.create_model(name, output_dict=True)
-        if self.coca:
-            init_decoder_projection(self.peer.text_decoder)
         self.peer.load_state_dict(self.clip.state_dict())
         self.peer_loss = (
             open_clip.CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0, pad_id=0)

@@ -4,7 +4,7 @@ import open_clip
 import torch
 
 from vlp.config import load_config
-from vlp.model import VLPModel, init_decoder_projection, register_model_configs
+from vlp.model import VLPModel, new_clip, register_model_configs
 from vlp.objectives import WeightedObjective
 
 CAPTIONS = [
@@ -23,11 +23,7 @@ def build(overrides: list[str] | tuple[str, ...] = ()):
     """The model and objective; `overrides` are config overrides of the objectives."""
     register_model_configs()
     torch.manual_seed(0)
-    clip = open_clip.create_model("vlp-tiny-coca")
-    # open_clip leaves this projection as torch.empty: recycled memory (NaN in a long pytest
-    # process) unless it is initialised, as build_model does
-    init_decoder_projection(clip.text_decoder)
-    clip = clip.double()
+    clip = new_clip("vlp-tiny-coca").double()
     cfg = load_config(None, ["data.train_shards=x", "objectives.caption.weight=2", *overrides])
     model, objective = VLPModel(clip, pad_id=clip.pad_id), WeightedObjective(cfg.objectives)
     objective.prepare_model(model)

@@ -14,7 +14,7 @@ import torch
 
 from vlp.config import load_config
 from vlp.distributed import new_accelerator
-from vlp.model import VLPModel, init_decoder_projection, register_model_configs
+from vlp.model import VLPModel, new_clip, register_model_configs
 from vlp.objectives import WeightedObjective
 
 SENTENCES = [
@@ -41,9 +41,7 @@ MASK = (
 def build():
     register_model_configs()
     torch.manual_seed(0)
-    clip = open_clip.create_model("vlp-tiny-coca")
-    init_decoder_projection(clip.text_decoder)  # open_clip leaves it uninitialised
-    clip = clip.double()
+    clip = new_clip("vlp-tiny-coca").double()
     cfg = load_config(
         None,
         [

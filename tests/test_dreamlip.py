@@ -32,7 +32,7 @@ from vlp.data.subcaptions import (
     split_dreamlip,
     split_sentences,
 )
-from vlp.model import VLPModel, register_model_configs
+from vlp.model import VLPModel, new_clip, register_model_configs
 from vlp.objectives import WeightedObjective
 from vlp.objectives.contrastive import clip_loss
 from vlp.objectives.dreamlip import (
@@ -205,7 +205,7 @@ def models():
     built = {}
     for name in ("vlp-tiny-clip", "vlp-tiny-coca"):
         torch.manual_seed(0)
-        clip = open_clip.create_model(name).double().eval()
+        clip = new_clip(name).double().eval()
         built[name] = VLPModel(clip, pad_id=getattr(clip, "pad_id", 0), patch_emb=True)
     return built
 

@@ -8,15 +8,6 @@ import torch
 
 from tests.distributed_reference import batch, build
 from vlp.gradcache import grad_cache_step
-from vlp.model import init_decoder_projection
-
-
-def _build(overrides=()):
-    """The shared tiny CoCa, its decoder projection initialised (open_clip leaves it empty)."""
-    model, objective = build(overrides)
-    torch.manual_seed(1)
-    init_decoder_projection(model.clip.text_decoder)
-    return model, objective
 
 
 def _grads(model) -> dict[str, torch.Tensor]:
@@ -39,7 +30,7 @@ def _grad_cache(model, objective, micro_batches):
 
 
 def test_contrastive_gradients_equal_the_whole_batch_and_caption_the_accumulated_mean():
-    model, objective = _build()  # tiny CoCa in float64, contrastive 1 + caption 2
+    model, objective = build()  # tiny CoCa in float64, contrastive 1 + caption 2
     images, text = batch()
     micro = _halves(images, text)
     # reference: contrastive loss on all 8 rows at once + caption loss averaged over halves
@@ -49,7 +40,7 @@ def test_contrastive_gradients_equal_the_whole_batch_and_caption_the_accumulated
     (contrastive + 2 * caption).backward()
     reference = _grads(model)
 
-    model, objective = _build()
+    model, objective = build()
     logs = _grad_cache(model, objective, micro)
     cached = _grads(model)
     assert cached.keys() == reference.keys() and len(cached) > 20
@@ -61,11 +52,11 @@ def test_contrastive_gradients_equal_the_whole_batch_and_caption_the_accumulated
 
 def test_plain_accumulation_would_not_match():
     """The comparison above can fail: per-micro-batch contrastive losses give other grads."""
-    model, objective = _build()
+    model, objective = build()
     images, text = batch()
     objective.terms["contrastive"](model(images, text), None).backward()
     whole = _grads(model)["clip.visual.proj"]
-    model, objective = _build()
+    model, objective = build()
     for b in _halves(images, text):
         (objective.terms["contrastive"](model(*b), None) / 2).backward()
     assert not torch.allclose(_grads(model)["clip.visual.proj"], whole, atol=1e-6)
@@ -81,11 +72,11 @@ CUAXU = (
 
 def test_gap_terms_see_the_whole_batch():
     """Uniformity couples every pair of rows, so GradCache must run it on all micro-batches."""
-    model, objective = _build(CUAXU)
+    model, objective = build(CUAXU)
     images, text = batch()
     objective(model(images, text), None)[0].backward()
     reference = _grads(model)
-    model, objective = _build(CUAXU)
+    model, objective = build(CUAXU)
     logs = _grad_cache(model, objective, _halves(images, text))
     assert {"loss/uniformity", "loss/cross_uniformity", "loss/alignment"} <= logs.keys()
     cached = _grads(model)

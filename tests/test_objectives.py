@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from vlp.config import ConfigError, load_config
-from vlp.model import VLPModel, register_model_configs
+from vlp.model import VLPModel, new_clip, register_model_configs
 from vlp.objectives.contrastive import clip_loss
 from vlp.optim import lr_at
 
@@ -44,7 +44,7 @@ def test_perfect_alignment_gives_a_small_loss_and_wrong_pairs_a_large_one():
 def tiny_coca():
     register_model_configs()
     torch.manual_seed(0)
-    clip = open_clip.create_model("vlp-tiny-coca")
+    clip = new_clip("vlp-tiny-coca")
     return VLPModel(clip, pad_id=clip.pad_id), open_clip.get_tokenizer("vlp-tiny-coca")
 
 

@@ -319,6 +319,17 @@ def build_model(model_cfg: Any, patch_emb: bool = False) -> tuple[VLPModel, Any,
     )
 
 
+def new_clip(name: str, **kwargs: Any) -> nn.Module:
+    """A randomly initialised open_clip model, every parameter initialised.
+
+    Use this, not `open_clip.create_model`, for a fresh model outside `build_model`: a CoCa's
+    vocabulary projection is otherwise uninitialised memory (see `init_decoder_projection`)."""
+    clip = open_clip.create_model(name, **kwargs)
+    if hasattr(clip, "text_decoder"):
+        init_decoder_projection(clip.text_decoder)
+    return clip
+
+
 def init_decoder_projection(decoder: nn.Module) -> None:
     """Initialise the CoCa decoder's vocabulary projection.
 
