@@ -52,6 +52,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="timed in-process steps")
     parser.add_argument("--peer-site", default="", metavar="DIR", help="see train_vs_open_clip")
     parser.add_argument("--skip-runs", action="store_true", help="in-process measures only")
+    parser.add_argument(
+        "--compile", action="store_true", help="also time vlp's step under torch.compile"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny models, few steps; bench/.work")
     parser.add_argument("--output", type=Path, help="results file (default: bench/results/)")
     return parser.parse_args(argv)
@@ -76,12 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     peak = matmul_peak(device, quick=args.quick)
     print(f"{device_label(device)}: measured bf16 matmul peak {peak / 1e12:.1f} TFLOP/s")
-    per_model = {}
-    for model in models:
-        per_model[model] = in_process(model, device, args.batch_size, args.steps, peak, shards)
-        print_model(model, per_model[model])
     out = args.output or (WORK / NAME / f"{NAME}.json" if args.quick else RESULTS / f"{NAME}.json")
-    runs = None if args.skip_runs else training_runs(args, models, per_model, peak, out)
     payload = {
         "benchmark": NAME,
         "command": " ".join(["bench/gpu.py", *(sys.argv[1:] if argv is None else argv)]),
@@ -89,10 +87,16 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {**machine_info(), "device": device_label(device), "torch": torch.__version__},
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "bf16_matmul_peak_tflops": round(peak / 1e12, 2),
-        "models": per_model,
-        "training_runs": runs,
+        "models": {},
+        "training_runs": None,
     }
-    write_results(out, payload)
+    for model in models:  # rewritten after each stage: a run cut short keeps its figures
+        payload["models"][model] = in_process(model, device, args, peak, shards)
+        print_model(model, payload["models"][model])
+        write_results(out, payload)
+    if not args.skip_runs:
+        payload["training_runs"] = training_runs(args, models, payload["models"], peak, out)
+        write_results(out, payload)
     print(f"results: {out}")
     return 0
 
@@ -159,8 +163,10 @@ class Fixture:
         self.images = torch.randn(batch, 3, *size, device=device)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16)
 
-    def vlp_tool(self):
+    def vlp_tool(self, compiled: bool = False):
         """(model, step(optimizer_step: bool)) as vlp/train.py runs it, without the loader."""
+        import torch
+
         from vlp.config import ObjectivesConfig, TrainConfig
         from vlp.objectives import WeightedObjective
         from vlp.optim import build_optimizer
@@ -170,10 +176,11 @@ class Fixture:
         objectives.caption.weight = 2.0 if model.has_decoder else 0.0
         objective = WeightedObjective(objectives)
         optimizer = build_optimizer(model, TrainConfig())
+        forward = torch.compile(model) if compiled else model
 
         def step(update: bool = True) -> None:
             with self.autocast:
-                loss, _ = objective(model(self.images, self.text[:, None]), None)
+                loss, _ = objective(forward(self.images, self.text[:, None]), None)
             loss.backward()
             if update:
                 optimizer.step()
@@ -217,20 +224,32 @@ def demo_captions(shards: Path, count: int) -> list[str]:
     return (captions * (count // len(captions) + 1))[:count]
 
 
-def in_process(model: str, device, batch: int, steps: int, peak: float, shards: Path):
+COMPILED = "vlp_compiled"
+
+
+def in_process(model: str, device, args: argparse.Namespace, peak: float, shards: Path):
+    batch = args.batch_size
     fixture = Fixture(model, device, batch, shards)
     result: dict[str, Any] = {"batch_size": batch, "precision": "bf16"}
-    for tool, build in ((tvo.VLP, fixture.vlp_tool), (tvo.PEER, fixture.peer_tool)):
+    tools = [(tvo.VLP, fixture.vlp_tool), (tvo.PEER, fixture.peer_tool)]
+    if args.compile:  # as train.compile=true runs it; FLOPs are counted on the eager step
+        tools.append((COMPILED, lambda: fixture.vlp_tool(compiled=True)))
+    for tool, build in tools:
         module, step = build()
-        flops = flops_per_sample(step, batch)
-        rate, memory = time_steps(step, steps, device, batch)
-        result[tool] = {"gflop_per_sample": round(flops / 1e9, 3), "samples_per_s": rate}
-        result[tool]["peak_memory_mb"] = memory
+        if tool != COMPILED:
+            flops = flops_per_sample(step, batch)
+            result[tool] = {"gflop_per_sample": round(flops / 1e9, 3)}
+        else:
+            start = time.perf_counter()
+            step()
+            result[tool] = {"first_step_seconds": round(time.perf_counter() - start, 1)}
+        rate, memory = time_steps(step, args.steps, device, batch)
+        result[tool].update(samples_per_s=rate, peak_memory_mb=memory)
         module.cpu()
         del module, step
         release(device)
     useful = result[tvo.VLP]["gflop_per_sample"] * 1e9
-    for tool in (tvo.VLP, tvo.PEER):
+    for tool, _ in tools:
         result[tool]["mfu"] = round(result[tool]["samples_per_s"] * useful / peak, 4)
     result["decode_per_core_samples_per_s"] = decode_rate(shards, fixture.transform)
     return result
@@ -314,7 +333,8 @@ def training_runs(args, models: list[str], per_model: dict[str, Any], peak: floa
     if tvo.main(command) != 0:
         raise SystemExit(f"{NAME}: the training runs failed (see bench/.work/{tvo.NAME}/logs)")
     summary = json.loads(path.read_text())["summary"]
-    result: dict[str, Any] = {"results": str(path.relative_to(tvo.REPO))}
+    shown = path.relative_to(tvo.REPO) if path.is_relative_to(tvo.REPO) else path
+    result: dict[str, Any] = {"results": str(shown)}
     for model in models:
         group, useful = summary[f"{model}/bf16"], per_model[model][tvo.VLP]["gflop_per_sample"]
         cell = {}
@@ -347,8 +367,10 @@ def training_runs(args, models: list[str], per_model: dict[str, Any], peak: floa
 def print_model(model: str, m: dict[str, Any]) -> None:
     parts = [
         f"{tool} {m[tool]['samples_per_s']:.0f} samples/s, MFU {m[tool]['mfu']:.1%}, "
-        f"{m[tool]['gflop_per_sample']:.2f} GFLOP/sample, peak {m[tool]['peak_memory_mb']:.0f} MB"
-        for tool in (tvo.VLP, tvo.PEER)
+        f"{m[tool].get('gflop_per_sample', m[tvo.VLP]['gflop_per_sample']):.2f} GFLOP/sample, "
+        f"peak {m[tool]['peak_memory_mb']:.0f} MB"
+        for tool in (tvo.VLP, tvo.PEER, COMPILED)
+        if tool in m
     ]
     print(
         f"{model} in-process (batch {m['batch_size']}, bf16): {'; '.join(parts)}; decode "
