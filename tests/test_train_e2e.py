@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -175,3 +176,31 @@ def test_train_user_mistakes_are_one_line_exit_2(tmp_path, override, message):
     assert result.returncode == 2, result.stderr[-1500:]
     lines = [line for line in result.stderr.splitlines() if line.startswith("vlp-train: error")]
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
+
+
+def test_a_non_finite_loss_stops_the_run_before_any_checkpoint(shards, tmp_path):
+    """The check is deferred to log/checkpoint steps (no host sync per step), yet the run stops
+    with exit 1 naming the first bad step, and nothing trained past it is saved."""
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        _command(
+            shards,
+            run_dir,
+            "train.lr=1e30",  # the first update sends the weights to ~1e30: inf, then NaN
+            "train.warmup_steps=0",
+            "train.grad_clip=0",
+            "train.log_every_steps=6",
+            "checkpoint.every_steps=6",
+            *(f"eval.{name}.every_steps=0" for name in ("shapes", "retrieval")),
+            *(f"eval.{name}.at_end=false" for name in ("shapes", "retrieval")),
+        ),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1, result.stderr[-1500:]
+    line = [x for x in result.stderr.splitlines() if x.startswith("vlp-train: error")][-1]
+    first, found = (int(x) for x in re.search(r"at step (\d+) \(at step (\d+):", line).groups())
+    assert 1 < first <= found == 6 and "loss/contrastive" in line and "Traceback" not in line
+    assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").iterdir())

@@ -32,6 +32,7 @@ from vlp.config import Config, ConfigError, load_config, to_dict, to_yaml  # noq
 from vlp.data import format as fmt  # noqa: E402
 from vlp.data.pipeline import Batch, Position, build_loader  # noqa: E402
 from vlp.data.shards import DataError, expand_shards  # noqa: E402
+from vlp.data.transforms import split_for_device  # noqa: E402
 from vlp.gradcache import coupled_terms, grad_cache_step  # noqa: E402
 from vlp.metrics import MetricsLogger, is_time  # noqa: E402
 from vlp.model import build_model  # noqa: E402
@@ -83,12 +84,15 @@ class Trainer:
         )
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.step, self.positions = 0, {}
+        # first step whose loss was not finite (-1: none); read only where the loop syncs anyway
+        self.first_nonfinite = torch.tensor(-1, device=self.accelerator.device)
         start_meta = self._resume()
         consumed = self.step * cfg.train.grad_accum
+        worker_transform, self.to_input = split_for_device(train_transform)
         self.loader = build_loader(
             cfg.data,
             cfg.train.seed,
-            train_transform,
+            worker_transform,
             tokenizer,
             distributed.rank(),
             distributed.world_size(),
@@ -176,7 +180,11 @@ class Trainer:
             logs, step_wait = self.train_step(batches)
             self.step += 1
             window_steps, wait = window_steps + 1, wait + step_wait
-            if is_time(self.step, cfg.train.log_every_steps, cfg.train.steps):
+            log_now = is_time(self.step, cfg.train.log_every_steps, cfg.train.steps)
+            save_now = is_time(self.step, cfg.checkpoint.every_steps, cfg.train.steps)
+            if log_now or save_now or self.step == cfg.train.steps:
+                self._stop_if_nonfinite(logs)  # never log or save past a non-finite loss
+            if log_now:
                 elapsed = time.perf_counter() - window_start
                 self.logger.log(self.step, self._log_record(logs, window_steps, elapsed, wait))
                 window_start, window_steps, wait = time.perf_counter(), 0, 0.0
@@ -184,7 +192,7 @@ class Trainer:
             evaluation = self.evaluators.run(self.step, self.eval_model)
             if evaluation:
                 self.logger.log(self.step, evaluation)
-            if is_time(self.step, cfg.checkpoint.every_steps, cfg.train.steps):
+            if save_now:
                 self.save()
         self.logger.close()
         self.accelerator.end_training()
@@ -251,7 +259,7 @@ class Trainer:
             acc.backward,
             lambda: acc.no_sync(self.model),
         )
-        self._check_finite(logs["loss/total"], logs)
+        self._note_nonfinite(logs["loss/total"])
         return logs, wait
 
     def _next(self, batches) -> tuple[Batch, float]:
@@ -265,20 +273,30 @@ class Trainer:
         device = self.accelerator.device
         decoder = batch.decoder_text
         return self.model(
-            batch.images.to(device, non_blocking=True),
+            self.to_input(batch.images.to(device, non_blocking=True)),
             batch.text.to(device, non_blocking=True),
             None if decoder is None else decoder.to(device, non_blocking=True),
         )
 
     def _loss(self, batch: Batch):
         loss, logs = self.objective(self._forward(batch), batch)
-        self._check_finite(loss, logs)
+        self._note_nonfinite(loss)
         return loss, logs
 
-    def _check_finite(self, loss, logs: dict[str, Any]) -> None:
-        if not torch.isfinite(loss):
-            terms = ", ".join(f"{k} {v.item():.4g}" for k, v in logs.items())
-            raise NonFiniteLoss(f"non-finite loss at step {self.step + 1}: {terms}")
+    def _note_nonfinite(self, loss) -> None:
+        """Record the step of a non-finite loss on the device: checking it here would make the
+        host wait for every forward pass (a GPU idles meanwhile)."""
+        first = self.first_nonfinite
+        bad = ~torch.isfinite(loss.detach()) & (first < 0)
+        self.first_nonfinite = first.masked_fill(bad, self.step + 1)
+
+    def _stop_if_nonfinite(self, logs: dict[str, Any]) -> None:
+        """Every process stops together (collective), naming the first bad step of any."""
+        steps = [int(s) for s in distributed.gather(self.first_nonfinite.view(1)) if s >= 0]
+        if steps:
+            first = min(steps)
+            terms = ", ".join(f"{k} {float(v):.4g}" for k, v in logs.items())
+            raise NonFiniteLoss(f"non-finite loss at step {first} (at step {self.step}: {terms})")
 
     def _skipped(self) -> Counter:
         """Skipped samples by reason across this process's workers."""

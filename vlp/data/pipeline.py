@@ -71,7 +71,8 @@ class Position:
 @dataclass
 class Batch:
     images: Tensor
-    """[B, 3, H, W] transformed images."""
+    """[B, 3, H, W] images as the worker transform leaves them: uint8 for vlp's training, which
+    normalises them on the device (vlp/data/transforms.py)."""
     text: Tensor
     """[B, T, L] token ids of the captions (T = 1 for one caption per image)."""
     text_mask: Tensor
