@@ -106,7 +106,23 @@ def gpu_rows(d: dict[str, Any]) -> list[Row]:
         )
         what = f"MFU {model}/bf16, batch {m['batch_size']}, {device}"
         rows.append((what, "open_clip_train", f"{mfu['vlp'] / mfu['open_clip']:.2f}x", note))
+        if runs:
+            rows.append(in_process_row(model, m, device))
     return rows
+
+
+def in_process_row(model: str, m: dict[str, Any], device: str) -> Row:
+    """One training step without data loading: the model, loss and optimizer alone."""
+    vlp, peer, compiled = m["vlp"], m["open_clip"], m.get("vlp_compiled")
+    note = (
+        f"{vlp['samples_per_s']:.0f} vs {peer['samples_per_s']:.0f} samples/s, MFU "
+        f"{vlp['mfu']:.1%} vs {peer['mfu']:.1%}"
+    )
+    if compiled:
+        note += f"; torch.compile {compiled['samples_per_s']:.0f} samples/s, {compiled['mfu']:.1%}"
+    what = f"Step in-process {model}/bf16, batch {m['batch_size']}, {device}"
+    ratio = vlp["samples_per_s"] / peer["samples_per_s"]
+    return (what, "open_clip (model, loss, AdamW)", f"{ratio:.2f}x", note)
 
 
 SOURCES: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
