@@ -3,6 +3,8 @@
     RUN/checkpoints/step_000000100/
         state/               accelerator.save_state: model (safetensors), optimizer, RNG states
         model.safetensors    open_clip weights: open_clip.create_model(name, pretrained=this file)
+        episode.safetensors  ProtoCLIP runs in a clustering episode: its labels and prototypes
+        episode_keys.json    (and the sample keys they belong to)
         meta.json            step, samples seen, data positions, skipped samples, config, versions
 
 Every file goes into a hidden `.step_*.tmp` directory that is renamed when complete, so a run
@@ -20,6 +22,7 @@ import json
 import os
 import pickle
 import shutil
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -67,8 +70,19 @@ def versions() -> dict[str, str]:
     return found
 
 
-def save(accelerator, model, run_dir: Path, step: int, meta: dict[str, Any], keep: int) -> Path:
-    """Collective: every process calls it. Returns the checkpoint directory."""
+def save(
+    accelerator,
+    model,
+    run_dir: Path,
+    step: int,
+    meta: dict[str, Any],
+    keep: int,
+    extra: Callable[[Path], None] | None = None,
+) -> Path:
+    """Collective: every process calls it. Returns the checkpoint directory.
+
+    `extra(directory)` writes further files of the main process into the checkpoint (before
+    meta.json, so they are part of what makes it complete)."""
     root = run_dir / CHECKPOINT_DIR
     final = root / checkpoint_name(step)
     temporary = root / f".{final.name}.tmp"
@@ -80,7 +94,7 @@ def save(accelerator, model, run_dir: Path, step: int, meta: dict[str, Any], kee
         accelerator.save_state(str(temporary / STATE_DIR))
         weights = accelerator.get_state_dict(model)  # every process: FSDP gathers its shards
         if accelerator.is_main_process:
-            _write_files(weights, temporary, meta)
+            _write_files(weights, temporary, meta, extra)
             if final.exists():  # a rerun that reached the same step: replace it whole
                 _delete(final)
             os.replace(temporary, final)
@@ -114,8 +128,10 @@ def _failure(err: Exception, final: Path) -> str:
     )
 
 
-def _write_files(weights: dict[str, Tensor], temporary: Path, meta: dict[str, Any]) -> None:
+def _write_files(weights: dict[str, Tensor], temporary: Path, meta: dict[str, Any], extra) -> None:
     save_file(open_clip_weights(weights), temporary / EXPORT_FILE)
+    if extra is not None:
+        extra(temporary)
     # meta.json last: a directory is a checkpoint only once it has one (complete_checkpoints)
     (temporary / META_FILE).write_text(json.dumps({**meta, "versions": versions()}, indent=2))
     _fsync_tree(temporary)

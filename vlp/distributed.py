@@ -116,3 +116,24 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     holder = [obj]
     dist.broadcast_object_list(holder, src=src)
     return holder[0]
+
+
+def gather_rows(x: Tensor) -> Tensor:
+    """Concatenate `x` [n_r, ...] from all ranks along dim 0 when n_r differs between ranks
+    (no gradient); `x` itself when not distributed."""
+    if not is_distributed():
+        return x
+    counts = [int(n) for n in all_gather_objects(x.shape[0])]
+    padded = x.new_zeros((max(counts), *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = gather(padded).split(max(counts))
+    return torch.cat([part[:n] for part, n in zip(parts, counts, strict=True)])
+
+
+def broadcast_tensors(tensors: dict[str, Tensor], src: int = 0) -> dict[str, Tensor]:
+    """Rank `src`'s tensors on every rank. Every rank passes tensors of the same names, shapes,
+    dtypes and device (the other ranks' values are overwritten)."""
+    if is_distributed():
+        for tensor in tensors.values():
+            dist.broadcast(tensor, src=src)
+    return tensors

@@ -70,12 +70,14 @@ def grad_cache_step(
             surrogate = _surrogate(out, cached, index, rows)
             for name, term in others.items():
                 value = term(out, batch)
+                if value is None:  # an episodic term outside its episodes
+                    continue
                 key = f"loss/{name}"
                 logs[key] = logs.get(key, 0.0) + value.detach() / len(batches)
                 surrogate = surrogate + objective.weights[name] * value / len(batches)
             backward(surrogate)
     logs["loss/total"] = total.detach() + sum(
-        objective.weights[n] * logs[f"loss/{n}"] for n in others
+        objective.weights[n] * logs[f"loss/{n}"] for n in others if f"loss/{n}" in logs
     )
     return logs
 

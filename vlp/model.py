@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from vlp.config import ConfigError
+from vlp.prototypes import ProjectionHead
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
 """vlp's own open_clip model configs; every JSON dropped here is available by name."""
@@ -62,6 +63,12 @@ class ModelOutput:
     patch_emb=True)."""
     logit_scale_local: Tensor | None = None
     """() exp(logit_scale_local): the grouping loss's temperature's inverse (with patch_emb)."""
+    image_proto: Tensor | None = None
+    """[B, P] L2-normalised prototype-head outputs of the image embeddings (with heads)."""
+    text_proto: Tensor | None = None
+    """[B, P] the same for text slot 0."""
+    logit_scale_proto: Tensor | None = None
+    """() exp(logit_scale_proto): the prototype losses' temperature's inverse (with heads)."""
 
 
 class VLPModel(nn.Module):
@@ -69,7 +76,8 @@ class VLPModel(nn.Module):
 
     With `patch_emb=True` the forward also returns the image tower's patch tokens projected into
     the joint space, and the model owns `logit_scale_local` (init ln(1/0.07)), a training-only
-    parameter outside `self.clip`, so exported open_clip weights are unchanged.
+    parameter outside `self.clip`, so exported open_clip weights are unchanged. Likewise
+    `add_prototype_heads` adds ProtoCLIP's training-only heads and `logit_scale_proto`.
     """
 
     def __init__(self, clip: nn.Module, pad_id: int = 0, patch_emb: bool = False):
@@ -83,6 +91,16 @@ class VLPModel(nn.Module):
         if patch_emb:
             check_patch_projection(clip.visual)
             self.logit_scale_local = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.has_heads = False
+
+    def add_prototype_heads(self, hidden: int, dim: int, layers: int) -> None:
+        """ProtoCLIP's image and text heads (independent weights) on the un-normalised joint
+        embeddings, and `logit_scale_proto` (init ln(1/0.07)); before the optimizer is built."""
+        embed_dim = self.clip.visual.output_dim
+        self.image_head = ProjectionHead(embed_dim, hidden, dim, layers)
+        self.text_head = ProjectionHead(embed_dim, hidden, dim, layers)
+        self.logit_scale_proto = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.has_heads = True
 
     @property
     def logit_scale(self) -> nn.Parameter:
@@ -91,27 +109,23 @@ class VLPModel(nn.Module):
     def forward(self, images: Tensor, text: Tensor, decoder_text: Tensor | None = None):
         """images [B, 3, H, W]; text [B, T, L] token ids; decoder_text [B, L] or None (slot 0)."""
         batch, slots, length = text.shape
-        patches = image_tokens = None
-        if self.patch_emb:
-            image_emb, image_tokens, patches = self._encode_image_with_patches(images)
-        elif self.has_decoder:
-            image_emb, image_tokens = self.clip._encode_image(images, normalize=True)
-        else:
-            image_emb = self.clip.encode_image(images, normalize=True)
+        image_latent, image_tokens, patches = self._encode_image(images)
         # rows of [B*T, L] are image-major (b*T + k), so reshape restores [B, T, D] exactly
-        if self.has_decoder:
-            text_latent, text_tokens = self._encode_coca_text(text.reshape(-1, length))
-        else:
-            text_latent = self._encode_text(text.reshape(-1, length))
-        text_all = text_latent.reshape(batch, slots, -1)
+        text_latent, text_tokens = self._encode_texts(text.reshape(-1, length))
+        text_latent = text_latent.reshape(batch, slots, -1)
+        # normalised here, exactly as open_clip's encoders would (the heads read the latents)
+        text_all = F.normalize(text_latent, dim=-1)
         out = ModelOutput(
-            image_emb=image_emb,
+            image_emb=F.normalize(image_latent, dim=-1),
             text_emb=text_all[:, 0],
             logit_scale=self.clip.logit_scale.exp(),
             text_emb_all=text_all if slots > 1 else None,
             patch_emb=patches,
             logit_scale_local=self.logit_scale_local.exp() if self.patch_emb else None,
         )
+        if self.has_heads:
+            out.image_proto, out.text_proto = self._heads(image_latent, text_latent[:, 0])
+            out.logit_scale_proto = self.logit_scale_proto.exp()
         if self.has_decoder:
             if decoder_text is None:
                 decoder_text = text[:, 0]
@@ -123,9 +137,35 @@ class VLPModel(nn.Module):
             )
         return out
 
+    @torch.no_grad()
+    def prototype_features(self, images: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
+        """Normalised head outputs ([B, P] image, [B, P] text) of images and tokens [B, L],
+        without the decoder (ProtoCLIP's feature pass; the caller sets eval mode)."""
+        image_latent = self._encode_image(images)[0]
+        return self._heads(image_latent, self._encode_texts(text)[0])
+
+    def _heads(self, image_latent: Tensor, text_latent: Tensor) -> tuple[Tensor, Tensor]:
+        image = F.normalize(self.image_head(image_latent), dim=-1)
+        return image, F.normalize(self.text_head(text_latent), dim=-1)
+
+    def _encode_image(self, images: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """(un-normalised image embeddings [B, D], the tower's token output for CoCa's decoder
+        or None, normalised patch embeddings [B, M, D] with patch_emb or None)."""
+        if self.patch_emb:
+            return self._encode_image_with_patches(images)
+        if self.has_decoder:
+            return (*self.clip._encode_image(images, normalize=False), None)
+        return self.clip.encode_image(images, normalize=False), None, None
+
+    def _encode_texts(self, tokens: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(un-normalised text embeddings [N, D], CoCa's token states [N, L', W] or None)."""
+        if self.has_decoder:
+            return self._encode_coca_text(tokens, normalize=False)
+        return self._encode_text(tokens, normalize=False), None
+
     def _encode_image_with_patches(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(normalised image embeddings [B, D], the tower's usual token output (CoCa's decoder
-        input), normalised patch embeddings [B, M, D]) from one pass of the image tower.
+        """(un-normalised image embeddings [B, D], the tower's usual token output (CoCa's
+        decoder input), normalised patch embeddings [B, M, D]) from one pass of the image tower.
 
         open_clip's VisionTransformer.forward, also keeping the transformer's output: the
         patch tokens (CLS dropped) before any attention pooler, through the tower's own
@@ -136,12 +176,12 @@ class VLPModel(nn.Module):
         pooled, tokens = visual._pool(x)
         pooled = pooled @ visual.proj
         patches = visual.ln_post(x[:, 1:]) @ visual.proj
-        return F.normalize(pooled, dim=-1), tokens, F.normalize(patches, dim=-1)
+        return pooled, tokens, F.normalize(patches, dim=-1)
 
-    def _encode_text(self, tokens: Tensor) -> Tensor:
-        """Normalised text embeddings [N, D]; drops trailing padding where that is exact."""
+    def _encode_text(self, tokens: Tensor, normalize: bool = True) -> Tensor:
+        """Text embeddings [N, D]; drops trailing padding where that is exact."""
         if not self.trims_text:
-            return self.clip.encode_text(tokens, normalize=True)
+            return self.clip.encode_text(tokens, normalize=normalize)
         # open_clip's CLIP.encode_text, with the positional table and causal mask cut to the
         # batch's longest caption (it always adds the full-length table, so it cannot be fed less)
         clip, length = self.clip, longest(tokens, self.pad_id)
@@ -154,10 +194,10 @@ class VLPModel(nn.Module):
         )
         projection = clip.text_projection
         x = projection(x) if isinstance(projection, nn.Linear) else x @ projection
-        return F.normalize(x, dim=-1)
+        return F.normalize(x, dim=-1) if normalize else x
 
-    def _encode_coca_text(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        """CoCa text tower: (normalised embeddings [N, D], token states [N, L', W]).
+    def _encode_coca_text(self, tokens: Tensor, normalize: bool = True) -> tuple[Tensor, Tensor]:
+        """CoCa text tower: (embeddings [N, D], token states [N, L', W]).
 
         open_clip appends the CLS token after the full padded context. Here the context is cut
         to the longest caption + 1 (open_clip's CLS mask lets CLS see the first padding
@@ -165,7 +205,7 @@ class VLPModel(nn.Module):
         equals open_clip's: tokens are causal, and CLS never sees the padding dropped.
         """
         if not self.trims_coca_text:
-            return self.clip._encode_text(tokens, normalize=True)
+            return self.clip._encode_text(tokens, normalize=normalize)
         text, full = self.clip.text, tokens.shape[1]
         keep = min(full, longest(tokens, self.pad_id) + 1)
         tokens = tokens[:, :keep]
@@ -181,7 +221,7 @@ class VLPModel(nn.Module):
         pooled = text.ln_final(x[:, -1])
         projection = text.text_projection
         pooled = projection(pooled) if isinstance(projection, nn.Linear) else pooled @ projection
-        return F.normalize(pooled, dim=-1), x[:, :-1]
+        return F.normalize(pooled, dim=-1) if normalize else pooled, x[:, :-1]
 
     def _caption(self, image_tokens: Tensor, token_embs: Tensor, tokens: Tensor):
         """Teacher forcing: position i predicts token i+1. The shift happens here and only here.

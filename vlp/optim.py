@@ -23,24 +23,41 @@ def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_lr
     return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
+PROTOTYPE_HEADS = {"image_head", "text_head"}
+"""VLPModel's ProtoCLIP heads (vlp/model.py add_prototype_heads)."""
+
+
 def no_decay(name: str, param: nn.Parameter) -> bool:
-    """Biases, norm gains and temperatures: every parameter below 2-D, and the logit scales."""
-    return param.ndim < 2 or "logit_scale" in name or "logit_bias" in name
+    """Biases, norm gains and temperatures: every parameter below 2-D, and the logit scales;
+    and ProtoCLIP's projection heads, as in its reference."""
+    heads = bool(PROTOTYPE_HEADS & set(name.split(".")))
+    return param.ndim < 2 or "logit_scale" in name or "logit_bias" in name or heads
 
 
-def build_optimizer(model: nn.Module, train_cfg: Any) -> torch.optim.AdamW:
+def is_visual(name: str) -> bool:
+    """A parameter of the image tower (open_clip keeps it under `visual`)."""
+    return "visual" in name.split(".")
+
+
+def build_optimizer(
+    model: nn.Module, train_cfg: Any, visual_groups: bool = False
+) -> torch.optim.AdamW:
     """AdamW over the trainable parameters, weight decay on the matrices only.
 
+    `visual_groups`: the image tower's parameters get groups of their own, marked
+    `group["visual"]`, so a LiT phase can give them another learning rate.
     torch's fused kernel (CPU and CUDA) updates all parameters in one pass: on the CPU it is
     about 5x faster than the default for-each kernel, a quarter of a small model's step.
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in named if not no_decay(n, p)]
-    rest = [p for n, p in named if no_decay(n, p)]
-    groups = [
-        {"params": decay, "weight_decay": train_cfg.weight_decay},
-        {"params": rest, "weight_decay": 0.0},
-    ]
+    groups = []
+    for visual in (False, True) if visual_groups else (False,):
+        part = [(n, p) for n, p in named if not visual_groups or is_visual(n) == visual]
+        for decay in (True, False):
+            params = [p for n, p in part if no_decay(n, p) != decay]
+            weight_decay = train_cfg.weight_decay if decay else 0.0
+            if params or not visual_groups:
+                groups.append({"params": params, "weight_decay": weight_decay, "visual": visual})
     return torch.optim.AdamW(
         groups,
         lr=train_cfg.lr,

@@ -164,8 +164,11 @@ def prototype_loss(z: Tensor, prototypes: Tensor, targets: Tensor, scale: Tensor
     targets int64 [B] or float [B, K]. Prototypes and targets are episode constants: they are
     detached, so gradient flows only to z and scale.
     """
-    logits = scale * z @ prototypes.detach().T
-    return F.cross_entropy(logits, targets.detach())
+    logits = scale * z @ prototypes.detach().to(z.dtype).T
+    targets = targets.detach()
+    if targets.is_floating_point():  # soft targets in the logits' precision
+        targets = targets.to(logits.dtype)
+    return F.cross_entropy(logits, targets)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ if __name__ == "__main__" and not __package__:
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import os  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
@@ -23,16 +24,30 @@ from dataclasses import asdict  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
-from accelerate.utils import is_wandb_available, set_seed  # noqa: E402
+from accelerate.utils import (  # noqa: E402
+    DistributedDataParallelKwargs,
+    is_wandb_available,
+    set_seed,
+)
+from torch.utils.data import DataLoader  # noqa: E402
 
 from eval.during_training import open_evaluators  # noqa: E402
 from eval.models import EvalModel  # noqa: E402
 from vlp import checkpoint, distributed  # noqa: E402
 from vlp.config import Config, ConfigError, load_config, to_dict, to_yaml  # noqa: E402
 from vlp.data import format as fmt  # noqa: E402
-from vlp.data.pipeline import Batch, Position, build_loader  # noqa: E402
+from vlp.data.pipeline import Batch, Position, build_loader, mix, sample_decoder  # noqa: E402
 from vlp.data.shards import DataError, expand_shards  # noqa: E402
 from vlp.data.transforms import split_for_device  # noqa: E402
+from vlp.episodes import (  # noqa: E402
+    Clustering,
+    EpisodePlan,
+    EpisodeState,
+    FeatureStream,
+    Teacher,
+    build_state,
+    feature_pass,
+)
 from vlp.gradcache import coupled_terms, grad_cache_step  # noqa: E402
 from vlp.metrics import MetricsLogger, is_time  # noqa: E402
 from vlp.model import build_model  # noqa: E402
@@ -54,17 +69,26 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.run_dir = Path(cfg.run.output_dir)
+        self.objective = WeightedObjective(cfg.objectives)
+        episodic = self.objective.needs_episodes
         self.accelerator = distributed.new_accelerator(
             mixed_precision="bf16" if cfg.train.precision == "bf16" else "no",
             log_with=trackers(cfg.run.trackers),
             project_dir=str(self.run_dir),
+            # the prototype heads train only in clustering episodes
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)]
+            if episodic
+            else None,
         )
         set_seed(cfg.train.seed)
         torch.use_deterministic_algorithms(cfg.train.deterministic)
-        self.objective = WeightedObjective(cfg.objectives)
         model, train_transform, eval_transform, tokenizer = build_model(
             cfg.model, patch_emb=self.objective.needs_patches
         )
+        self.episodes = EpisodePlan.from_config(cfg, self.global_batch) if episodic else None
+        if episodic:
+            protos = cfg.prototypes
+            model.add_prototype_heads(protos.head_hidden, protos.head_dim, protos.head_layers)
         if "caption" in self.objective.terms and not model.has_decoder:
             raise ConfigError(
                 f"objectives.caption.weight={cfg.objectives.caption.weight} but model "
@@ -78,7 +102,8 @@ class Trainer:
         self.objective.prepare_model(model)
         if cfg.train.compile:
             model = torch.compile(model)
-        optimizer = build_optimizer(model, cfg.train)
+        lit = self.episodes is not None and self.episodes.lit_start_step is not None
+        optimizer = build_optimizer(model, cfg.train, visual_groups=lit)
         distributed.configure_engine(
             self.accelerator, cfg.data.batch_size, cfg.train.grad_accum, cfg.train.grad_clip
         )
@@ -86,20 +111,12 @@ class Trainer:
         self.step, self.positions = 0, {}
         # first step whose loss was not finite (-1: none); read only where the loop syncs anyway
         self.first_nonfinite = torch.tensor(-1, device=self.accelerator.device)
+        self.episode_state: EpisodeState | None = None
         start_meta = self._resume()
-        consumed = self.step * cfg.train.grad_accum
-        worker_transform, self.to_input = split_for_device(train_transform)
-        self.loader = build_loader(
-            cfg.data,
-            cfg.train.seed,
-            worker_transform,
-            tokenizer,
-            distributed.rank(),
-            distributed.world_size(),
-            self.positions,
-            consumed,
-            pin_memory=self.accelerator.device.type == "cuda",
-        )
+        self.worker_transform, self.to_input = split_for_device(train_transform)
+        self.tokenizer = tokenizer
+        if self.episodes is None:
+            self.loader = self._open_loader(self.step * cfg.train.grad_accum)
         self._start_run(start_meta)
         self.evaluators = open_evaluators(cfg.eval, cfg.train.steps, self._message)
         self.eval_model = self._eval_model(eval_transform, tokenizer)
@@ -122,10 +139,78 @@ class Trainer:
             )
         checkpoint.load(self.accelerator, path)
         self.step = meta["step"]
+        self.episode_state = EpisodeState.load(path)
         saved = meta["data"]["positions"][distributed.rank()]
         self.positions = {int(w): Position.from_dict(p) for w, p in saved.items()}
         meta["path"] = str(path)
         return meta
+
+    def _open_loader(self, consumed: int, episode: int | None = None):
+        """The training loader from self.positions; `episode`: that episode's shards only."""
+        seed, shards = self.cfg.train.seed, None
+        if episode is not None:
+            seed, shards = mix(seed, 3, episode), self.episodes.shards(episode)
+        return build_loader(
+            self.cfg.data,
+            seed,
+            self.worker_transform,
+            self.tokenizer,
+            distributed.rank(),
+            distributed.world_size(),
+            self.positions,
+            consumed,
+            pin_memory=self.accelerator.device.type == "cuda",
+            episode_shards=shards,
+        )
+
+    def _begin_episode(self):
+        """The episode of self.step: its state (clustered now, or restored by a resume within
+        it) given to the objectives, and an iterator over its shards."""
+        plan, step = self.episodes, self.step
+        episode = plan.episode(step)
+        first, fresh = plan.first_step(episode), step == plan.first_step(episode)
+        clusters, last = (
+            plan.clusters(episode),
+            min(first + plan.steps_per_episode, self.cfg.train.steps),
+        )
+        what = "prototypes" if clusters else "without prototypes (warm-up or LiT)"
+        self._message(f"episode {episode}: steps {first + 1}-{last}, {what}")
+        if fresh:
+            self.positions = {}  # positions restored at an episode's end belong to the last one
+            self.episode_state = self._cluster(episode) if clusters else None
+        elif clusters and self.episode_state is None:
+            raise checkpoint.CheckpointError("the checkpoint lacks its episode's state")
+        state = self.episode_state
+        self.objective.set_episode(None if state is None else state.to(self.accelerator.device))
+        return iter(self._open_loader((step - first) * self.cfg.train.grad_accum, episode))
+
+    def _cluster(self, episode: int) -> EpisodeState:
+        """Feature pass over the episode's shards, then k-means (collective)."""
+        cfg, device, started = self.cfg, self.accelerator.device, time.monotonic()
+        stream = FeatureStream(
+            self.episodes.shards(episode),
+            sample_decoder(cfg.data, self.worker_transform, self.tokenizer),
+            cfg.prototypes.feature_batch_size or cfg.data.batch_size,
+            mix(cfg.train.seed, 5, episode),
+            distributed.rank(),
+            distributed.world_size(),
+        )
+        loader = DataLoader(stream, batch_size=None, num_workers=cfg.data.workers)
+        model = self.accelerator.unwrap_model(self.model)
+        autocast = self.accelerator.autocast
+        bank = feature_pass(model, loader, self.to_input, device, autocast, self._message)
+        seconds = time.monotonic() - started
+        self._message(f"feature pass: {len(bank.keys)} samples in {seconds:.1f} s")
+        protos, external = cfg.prototypes, cfg.objectives.prototype_external
+        clustering = Clustering(
+            protos.clusters,
+            protos.kmeans_iters,
+            protos.kmeans_redo,
+            protos.kmeans_backend,
+            mix(cfg.train.seed, 7, episode),
+        )
+        teacher = Teacher(external.teacher, external.pca_dim) if external.weight else None
+        return build_state(bank, clustering, teacher, device, self._message)
 
     def _start_run(self, resumed: dict[str, Any] | None) -> None:
         acc = self.accelerator
@@ -167,6 +252,7 @@ class Trainer:
             "processes": distributed.world_size(),
             "keys": [data.image_key, data.text_key, data.caption, data.decoder_caption]
             + ([asdict(data.subcaptions)] if data.caption == "subcaptions" else []),
+            "prototypes": asdict(self.cfg.prototypes) if self.episodes is not None else None,
         }
 
     @property
@@ -174,9 +260,12 @@ class Trainer:
         return self.cfg.data.batch_size * self.cfg.train.grad_accum * distributed.world_size()
 
     def train(self) -> None:
-        cfg, batches = self.cfg, iter(self.loader)
+        cfg, plan = self.cfg, self.episodes
+        batches = iter(self.loader) if plan is None else None
         window_start, window_steps, wait = time.perf_counter(), 0, 0.0
         while self.step < cfg.train.steps:
+            if plan is not None and (batches is None or self.step % plan.steps_per_episode == 0):
+                batches = self._begin_episode()
             logs, step_wait = self.train_step(batches)
             self.step += 1
             window_steps, wait = window_steps + 1, wait + step_wait
@@ -210,8 +299,9 @@ class Trainer:
         lr = lr_at(
             self.step, train_cfg.lr, train_cfg.warmup_steps, train_cfg.steps, train_cfg.min_lr
         )
+        visual_lr = self._visual_lr()
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = visual_lr if group.get("visual") else lr
         if train_cfg.grad_cache and train_cfg.grad_accum > 1:
             totals, wait = self._grad_cache_micro_steps(batches)
         else:
@@ -223,10 +313,25 @@ class Trainer:
         model = acc.unwrap_model(self.model)
         self.objective.after_optimizer_step(model)
         totals["lr"] = lr
+        if visual_lr is not None:
+            totals["lr_visual"] = visual_lr
         totals["logit_scale"] = model.logit_scale.detach().exp()
         if model.patch_emb:
             totals["logit_scale_local"] = model.logit_scale_local.detach().exp()
+        if model.has_heads:
+            with torch.no_grad():
+                model.logit_scale_proto.clamp_(0, math.log(self.cfg.prototypes.max_logit_scale))
+            totals["logit_scale_proto"] = model.logit_scale_proto.detach().exp()
         return totals, wait
+
+    def _visual_lr(self) -> float | None:
+        """With a LiT phase, the image tower's own rate (its parameter groups are marked
+        `visual`): a cosine that reaches 0 at the phase's first step and stays 0."""
+        lit = self.episodes.lit_start_step if self.episodes is not None else None
+        if lit is None:
+            return None
+        train_cfg = self.cfg.train
+        return lr_at(self.step, train_cfg.lr, train_cfg.warmup_steps, lit + 1, 0.0)
 
     def _micro_steps(self, batches) -> tuple[dict[str, Any], float]:
         """Backward over grad_accum micro-batches, each its own loss; (mean logs, wait)."""
@@ -333,8 +438,16 @@ class Trainer:
             "data": {"positions": all_positions, "stream": self._stream_identity()},
             "skipped": dict(skipped),
         }
+        state, plan = self.episode_state, self.episodes
+        within = state is not None and self.step % plan.steps_per_episode != 0
         path = checkpoint.save(
-            self.accelerator, self.model, self.run_dir, self.step, meta, self.cfg.checkpoint.keep
+            self.accelerator,
+            self.model,
+            self.run_dir,
+            self.step,
+            meta,
+            self.cfg.checkpoint.keep,
+            extra=state.save if within else None,  # a resume within the episode needs it
         )
         self._message(f"saved {path}")
 

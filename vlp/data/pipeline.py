@@ -123,10 +123,17 @@ class SampleDecoder:
             texts, valid = [self._text(sample, self.caption)], [True]
         tokens = self.tokenizer(texts)  # [T, L]
         decoder = None
-        slot0 = "raw" if self.caption == "subcaptions" else self.caption
-        if self.decoder_caption != slot0:
+        if self.decoder_caption != self.slot0_policy:
             decoder = self.tokenizer([self._text(sample, self.decoder_caption)])[0]
         return image, tokens, torch.tensor(valid), decoder
+
+    @property
+    def slot0_policy(self) -> str:
+        """The caption policy of text slot 0 (the raw caption when sampling sub-captions)."""
+        return "raw" if self.caption == "subcaptions" else self.caption
+
+    def slot0_caption(self, sample: dict[str, Any]) -> str:
+        return self._text(sample, self.slot0_policy)
 
     def _subcaptions(self, sample: dict[str, Any], rng: np.random.Generator):
         cfg = self.subcaptions
@@ -358,23 +365,30 @@ def build_loader(
     positions: dict[int, Position],
     consumed: int,
     pin_memory: bool,
+    episode_shards: list[str] | None = None,
 ) -> DataLoader:
     """A DataLoader over the configured shards for this process (not to be accelerate-prepared:
-    splitting across ranks happens here)."""
-    patterns = [(s.shards, s.weight) for s in data_cfg.sources] or [(data_cfg.train_shards, 1.0)]
-    sources = [expand_shards(pattern) for pattern, _ in patterns]
+    splitting across ranks happens here). `episode_shards`: read these, epoch-wise, instead
+    (ProtoCLIP episodes)."""
+    advice = "use data.mode=resampled, or reshard with a smaller --samples-per-shard"
+    if episode_shards is not None:
+        patterns, sources, mode = [("prototypes.episode_shards", 1.0)], [episode_shards], "epoch"
+        advice = "or raise prototypes.episode_shards"
+    else:
+        patterns = [(s.shards, s.weight) for s in data_cfg.sources]
+        patterns = patterns or [(data_cfg.train_shards, 1.0)]
+        sources, mode = [expand_shards(pattern) for pattern, _ in patterns], data_cfg.mode
     num_workers = max(1, data_cfg.workers)
     for (pattern, _), urls in zip(patterns, sources, strict=True):
-        if data_cfg.mode == "epoch" and len(urls) < world_size * num_workers:
+        if mode == "epoch" and len(urls) < world_size * num_workers:
             raise DataError(
-                f"{pattern} has {len(urls)} shards for {world_size} processes x "
-                f"{num_workers} workers: lower data.workers, use data.mode=resampled, or "
-                "reshard with a smaller --samples-per-shard"
+                f"{pattern}: {len(urls)} shards for {world_size} processes x "
+                f"{num_workers} workers: lower data.workers, {advice}"
             )
     spec = StreamSpec(
         sources,
         [float(weight) for _, weight in patterns],
-        data_cfg.mode,
+        mode,
         seed,
         data_cfg.shuffle_buffer,
         data_cfg.batch_size,
@@ -382,7 +396,17 @@ def build_loader(
         rank,
         world_size,
     )
-    decode = SampleDecoder(
+    return DataLoader(
+        TrainStream(spec, sample_decoder(data_cfg, transform, tokenizer), positions, consumed),
+        batch_size=None,
+        num_workers=data_cfg.workers,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if data_cfg.workers else None,
+    )
+
+
+def sample_decoder(data_cfg: Any, transform, tokenizer) -> SampleDecoder:
+    return SampleDecoder(
         transform,
         tokenizer,
         tuple(data_cfg.image_key.split(";")),
@@ -390,11 +414,4 @@ def build_loader(
         data_cfg.caption,
         data_cfg.decoder_caption,
         data_cfg.subcaptions,
-    )
-    return DataLoader(
-        TrainStream(spec, decode, positions, consumed),
-        batch_size=None,
-        num_workers=data_cfg.workers,
-        pin_memory=pin_memory,
-        prefetch_factor=4 if data_cfg.workers else None,
     )
