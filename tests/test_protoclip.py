@@ -317,7 +317,7 @@ def shards(tmp_path_factory) -> str:
 
 
 def _train(shards: str, run_dir: Path) -> str:
-    command = [sys.executable, "vlp/train.py", "--config", "configs/demo.yaml"]
+    command = [sys.executable, "vlp/train.py", "--config", "configs/protoclip_demo.yaml"]
     command += [f"data.train_shards={shards}", f"run.output_dir={run_dir}", *RUN]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
