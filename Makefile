@@ -42,12 +42,15 @@ bench: $(STAMP) ## run the CPU benchmarks against their peers; results in bench/
 	$(PY) bench/loss_memory.py
 	$(PY) bench/step_costs.py
 	$(PY) bench/gap_study.py
+	$(PY) bench/dreamlip_ablation.py
+	$(PY) bench/protoclip_comparison.py
 	$(PY) bench/readme_table.py
 
 GPU_PY ?= python3
 GPU_ARGS ?=
-bench-gpu: ## bf16 CLIP/CoCa on a GPU vs open_clip: samples/s, MFU, memory (bench/README.md)
+bench-gpu: ## bf16 CLIP/CoCa on a GPU vs open_clip: samples/s, MFU, memory; GPU k-means (bench/README.md)
 	$(GPU_PY) bench/gpu.py $(GPU_ARGS)
+	$(GPU_PY) bench/kmeans_gpu.py
 
 bench-reliability: $(STAMP) ## kill/disk-full/corrupt-data/bad-input trials; bench/results/reliability.json
 	$(PY) bench/reliability.py

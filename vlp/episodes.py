@@ -135,6 +135,11 @@ class FeatureBatch:
     keys: list[str]
     captions: list[str]
 
+    def pin_memory(self) -> FeatureBatch:
+        """Called by the DataLoader's pinning thread (pin_memory=True)."""
+        self.images, self.text = self.images.pin_memory(), self.text.pin_memory()
+        return self
+
 
 class FeatureStream(IterableDataset):
     """One pass over an episode's shards, split by (rank, worker); batches of good samples."""

@@ -169,10 +169,8 @@ class Trainer:
         plan, step = self.episodes, self.step
         episode = plan.episode(step)
         first, fresh = plan.first_step(episode), step == plan.first_step(episode)
-        clusters, last = (
-            plan.clusters(episode),
-            min(first + plan.steps_per_episode, self.cfg.train.steps),
-        )
+        clusters = plan.clusters(episode)
+        last = min(first + plan.steps_per_episode, self.cfg.train.steps)
         what = "prototypes" if clusters else "without prototypes (warm-up or LiT)"
         self._message(f"episode {episode}: steps {first + 1}-{last}, {what}")
         if fresh:
@@ -195,12 +193,14 @@ class Trainer:
             distributed.rank(),
             distributed.world_size(),
         )
-        loader = DataLoader(stream, batch_size=None, num_workers=cfg.data.workers)
+        cuda = device.type == "cuda"
+        loader = DataLoader(stream, None, num_workers=cfg.data.workers, pin_memory=cuda)
         model = self.accelerator.unwrap_model(self.model)
         autocast = self.accelerator.autocast
         bank = feature_pass(model, loader, self.to_input, device, autocast, self._message)
-        seconds = time.monotonic() - started
-        self._message(f"feature pass: {len(bank.keys)} samples in {seconds:.1f} s")
+        seconds, share = time.monotonic() - started, distributed.world_size() > 1
+        where = " (this process's share)" if share else ""
+        self._message(f"feature pass: {len(bank.keys)} samples{where} in {seconds:.1f} s")
         protos, external = cfg.prototypes, cfg.objectives.prototype_external
         clustering = Clustering(
             protos.clusters,
