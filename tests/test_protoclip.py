@@ -357,3 +357,16 @@ def test_episodes_warm_up_cluster_and_freeze_the_image_tower_and_resume_exactly(
     final = _weights(tmp_path / "b", STEPS)
     assert final.keys() == after.keys()
     assert all(torch.equal(final[k], after[k]) for k in after)
+
+
+def test_duplicate_keys_in_an_episode_are_reported():
+    generator = torch.Generator().manual_seed(4)
+    features = F.normalize(torch.randn(6, 8, generator=generator), dim=1)
+    keys = ["a", "b", "a", "c", "d", "b"]
+    said: list[str] = []
+    clustering = Clustering(2, 5, 1, "faiss", 0)
+    state = build_state(
+        Bank(keys, features, features, [""] * 6), clustering, None, torch.device("cpu"), said.append
+    )
+    assert any(line.startswith("2 samples of the episode share their key") for line in said)
+    assert state.rows(["a", "b"], torch.device("cpu")).tolist() == [2, 5]

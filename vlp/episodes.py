@@ -330,6 +330,12 @@ def build_state(
     if teacher is not None:
         captions = [c for part in distributed.all_gather_objects(bank.captions) for c in part]
     rows, k, dim = len(keys), clustering.clusters, image.shape[1]
+    duplicates = rows - len(set(keys))
+    if duplicates:
+        say(
+            f"{duplicates} samples of the episode share their key with another one: they train "
+            "with the labels of that key's last sample (`vlp-shard verify` lists such keys)"
+        )
     if k > rows:  # on every rank, before rank 0 alone would fail
         raise DataError(
             f"prototypes.clusters={k} exceeds the episode's {rows} samples: lower it or raise "

@@ -10,6 +10,7 @@ clusters, PBT) or the text centroids C^T themselves (PBT off).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,6 +220,19 @@ def minilm_dir() -> str:
     return str(folder)
 
 
+@functools.lru_cache(maxsize=1)
+def _teacher(model_dir: str, device: str):
+    """(tokenizer, model in eval mode on `device`), loaded once per process (every episode of a
+    run embeds with the same teacher)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    if not Path(model_dir).is_dir():
+        raise FileNotFoundError(f"teacher model folder {model_dir} does not exist")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    model = AutoModel.from_pretrained(model_dir, local_files_only=True).to(device).eval()
+    return tokenizer, model
+
+
 def _masked_mean(hidden: Tensor, mask: Tensor) -> Tensor:
     """Mean of hidden [B, L, H] over the positions where mask [B, L] is 1: [B, H]."""
     weights = mask[..., None].to(hidden.dtype)
@@ -241,12 +255,7 @@ def teacher_embeddings(
     batched by length (less padding) and returned in input order; longer ones are cut at
     max_length tokens (sentence-transformers' limit for MiniLM). progress(done, N) after each batch.
     """
-    from transformers import AutoModel, AutoTokenizer
-
-    if not Path(model_dir).is_dir():
-        raise FileNotFoundError(f"teacher model folder {model_dir} does not exist")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    model = AutoModel.from_pretrained(model_dir, local_files_only=True).to(device).eval()
+    tokenizer, model = _teacher(model_dir, device)
     order = sorted(range(len(captions)), key=lambda i: len(captions[i]))
     out = torch.empty(len(captions), model.config.hidden_size)
     for start in range(0, len(order), batch_size):
