@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -57,7 +58,8 @@ def _checkpoint_bytes(run_dir: Path) -> int:
 
 
 def disk_full(work: Path, steps: int) -> dict:
-    """File-size-limit trials at several steps, and a real tmpfs that fills up (root only)."""
+    """File-size-limit trials at several steps, a real tmpfs that fills up and a checkpoint
+    directory that turns read-only (root only)."""
     shards = faults.demo_shards(work / "shards")
     trials = []
     for step in (1, 2, 4):
@@ -67,7 +69,37 @@ def disk_full(work: Path, steps: int) -> dict:
         trials.append({"kind": f"RLIMIT_FSIZE after step {step}", **asdict(result),
                        "clean": result.clean})  # fmt: skip
     trials += _tmpfs_trials(work, shards, steps)
+    trials += _read_only_trials(work, shards, steps)
     return {"trials": trials}
+
+
+def _read_only_trials(work: Path, shards: str, steps: int) -> list[dict]:
+    """Once checkpoint 2 exists, the checkpoint directory is remounted read-only (a read-only
+    bind mount over itself), between two saves; the rerun gets it writable again."""
+    if os.geteuid() != 0:
+        return [{"kind": "read-only output", "skipped": "needs root to bind-mount"}]
+    root = work / "read_only" / faults.checkpoint.CHECKPOINT_DIR
+
+    def starve(process) -> None:
+        published = root / faults.checkpoint.checkpoint_name(2)
+        while not published.exists() and process.poll() is None:
+            time.sleep(0.005)
+        while process.poll() is None:  # stopped outside a save, so no save is cut in two
+            process.send_signal(signal.SIGSTOP)
+            if not any(p.name.startswith(".") for p in root.iterdir()):
+                break
+            process.send_signal(signal.SIGCONT)
+            time.sleep(0.002)
+        subprocess.run(["mount", "--bind", str(root), str(root)], check=True)
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(root)], check=True)
+        process.send_signal(signal.SIGCONT)
+
+    def restore() -> None:
+        subprocess.run(["umount", str(root)], check=True)
+
+    result = faults.starved_run(shards, root.parent, steps, starve, restore)
+    return [{"kind": "checkpoint directory remounted read-only after step 2", **asdict(result),
+             "clean": result.clean}]  # fmt: skip
 
 
 def _tmpfs_trials(work: Path, shards: str, steps: int) -> list[dict]:
@@ -106,6 +138,8 @@ def data_faults(work: Path, per_kind: int) -> dict:
     resharded = Counter()
     for path in (work / "re" / "train").glob("*_stats.json"):
         resharded.update(json.loads(path.read_text())["errors"])
+    manifest = json.loads((work / "re" / "train" / "manifest.json").read_text())
+    resharded_duplicates = manifest["source"]["duplicate_keys"]
     items = faulty.pass_items
     return {
         "samples": items - 2,
@@ -124,8 +158,9 @@ def data_faults(work: Path, per_kind: int) -> dict:
         },
         "verify": {"errors": dict(verified.errors), "good": verified.good,
                    "matches": verified.errors == faulty.expected(faults.VERIFY_REASON)},
-        "reshard": {"errors": dict(resharded),
-                    "matches": resharded == faulty.expected(faults.TRAIN_REASON)},
+        "reshard": {"errors": dict(resharded), "duplicate_keys": resharded_duplicates,
+                    "matches": resharded == faulty.expected(faults.TRAIN_REASON)
+                    and resharded_duplicates == faulty.injected["duplicate_key"]},
     }  # fmt: skip
 
 
@@ -216,7 +251,8 @@ def readme_table(p: dict) -> str:
          f"run completed; {summary['resumes_from_latest']} restarts resumed from the newest "
          f"complete checkpoint; final weights bitwise equal to the uninterrupted run: "
          f"{kill['final_weights_identical']}"),
-        ("checkpoint write fails (file-size limit mid-run; a tmpfs that fills up)",
+        ("checkpoint write fails (file-size limit mid-run; a tmpfs that fills up; the "
+         "checkpoint directory turns read-only)",
          f"{len(disk)} runs",
          f"{summary['disk_full_clean_stops']} stopped with one line naming the intact "
          f"checkpoint; {sum(t['resumed'] for t in disk)}/{len(disk)} continued when space was "
@@ -224,7 +260,8 @@ def readme_table(p: dict) -> str:
         (f"bad samples in {data['samples']} samples + shard faults",
          kinds,
          f"skip counts by reason equal the injected faults: {summary['skip_counts_match']} "
-         "(training, `vlp-shard reshard` and `verify`)"),
+         "(training, `vlp-shard reshard` and `verify`; long captions are truncated and trained, "
+         "duplicate keys trained and counted by `reshard` and `verify`, as designed)"),
         ("bad config, override, YAML and CLI values (hypothesis)",
          f"{p['settings']['fuzz_examples']} examples per property", groups["bad_input"]),
         ("pickle payloads in weights/checkpoints; tar names with `/` or `..`", "",
@@ -234,8 +271,15 @@ def readme_table(p: dict) -> str:
     ]  # fmt: skip
     lines = ["| Fault | Injected | Outcome |", "| --- | --- | --- |"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    trials = summary["trials_run"]
     lines.append(
-        f"\nSamples lost: **{summary['samples_lost']}**. Checkpoints corrupted: "
+        f"\nTrials: {trials['kill_resume_starts']} starts of the killed run, "
+        f"{trials['disk_full_runs']} disk-full runs, {trials['data_fault_passes']} data-fault "
+        f"pass, {trials['input_and_file_cases']} input and file cases. Runs completed: "
+        f"**{summary['runs_completed']}/{summary['runs_started']}**."
+    )
+    lines.append(
+        f"Samples lost: **{summary['samples_lost']}**. Checkpoints corrupted: "
         f"**{summary['checkpoints_corrupted']}**. Commit {p['git'].get('commit', '?')[:10]}, "
         f"{p['machine']['cores']} shared CPU cores."
     )

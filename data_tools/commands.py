@@ -187,7 +187,14 @@ def run_hf(args: argparse.Namespace) -> int:
 def run_reshard(args: argparse.Namespace) -> int:
     from data_tools.sources.reshard import ReshardSource
 
-    return write_train(ReshardSource(args.pattern), args.out, args, image_options(args))
+    source = ReshardSource(args.pattern)
+    code = write_train(source, args.out, args, image_options(args))
+    if source.duplicate_keys:  # not bad samples: every one is written, under a new key
+        print(
+            f"  {_n(source.duplicate_keys, 'input sample')} repeated a key already seen (all "
+            "written, under new unique keys; `vlp-shard verify` lists them as duplicate_key)"
+        )
+    return code
 
 
 def run_fashion_mnist(args: argparse.Namespace) -> int:

@@ -68,8 +68,7 @@ def verify(pattern: str, workers: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS)
     global _source
     _source = source = ReshardSource(pattern)
     report = Report(samples=len(source))
-    keys = Counter(item.key for item in source.items if item.problem is None)
-    duplicates = sum(n - 1 for n in keys.values() if n > 1)
+    duplicates = source.duplicate_keys
     if duplicates:
         report.errors[Reason.DUPLICATE_KEY.value] = duplicates
     jobs, start = [], 0

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
+from functools import cached_property
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -104,5 +106,18 @@ class ReshardSource(Source):
         item = self.items[index]
         return f"{self.paths[item.shard]}:{item.key}" if item.key else str(self.paths[item.shard])
 
+    @cached_property
+    def duplicate_keys(self) -> int:
+        """Readable input samples whose key an earlier one already has (webdataset would group
+        such samples by key within a shard; across shards both are samples of their own)."""
+        keys = Counter(item.key for item in self.items if item.problem is None)
+        return sum(n - 1 for n in keys.values() if n > 1)
+
     def describe(self) -> dict[str, Any]:
-        return {"type": "reshard", "pattern": self.pattern, "num_shards": len(self.paths)}
+        # the duplicate count goes into the manifest: the output's keys are new and unique
+        return {
+            "type": "reshard",
+            "pattern": self.pattern,
+            "num_shards": len(self.paths),
+            "duplicate_keys": self.duplicate_keys,
+        }
