@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
+import shutil
+import socket
 import subprocess
 import sys
 import tarfile
@@ -48,6 +51,22 @@ def tar_members(path: Path) -> dict[str, bytes]:
 def shard_bytes(directory: Path) -> dict[str, bytes]:
     """Every visible shard's bytes, by name."""
     return {p.name: p.read_bytes() for p in sorted(directory.glob("*.tar"))}
+
+
+def free_port() -> int:
+    """A port nothing listens on now (tests of other checkouts may run torchrun meanwhile)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_two_processes(module: str, *args: str) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2 -m MODULE ARGS` from the repository (gloo on a CPU)."""
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    command = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port())]
+    return subprocess.run(
+        [*command, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300):

@@ -38,12 +38,15 @@ def batch():
 
 
 def loss_and_grads(model, objective, images, text, accelerator=None):
-    out = model(images, text)
-    loss, _ = objective(out, None)
+    loss, _ = objective(model(images, text), None)
+    return loss, backward_and_grads(model, loss, accelerator)
+
+
+def backward_and_grads(model, loss, accelerator=None) -> dict[str, torch.Tensor]:
+    """Backward (accelerate's under DDP) and every parameter's gradient, by name."""
     if accelerator is None:
         loss.backward()
     else:
         accelerator.backward(loss)
     module = model.module if hasattr(model, "module") else model  # unwrap DDP
-    grads = {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
-    return loss, grads
+    return {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import open_clip
 import torch
 
+from tests.distributed_reference import backward_and_grads
 from vlp.config import load_config
 from vlp.distributed import new_accelerator
 from vlp.model import VLPModel, new_clip, register_model_configs
@@ -64,15 +65,8 @@ def batch():
 
 
 def loss_and_grads(model, objective, images, text, mask, accelerator=None):
-    out = model(images, text)
-    loss, _ = objective(out, SimpleNamespace(text_mask=mask))
-    if accelerator is None:
-        loss.backward()
-    else:
-        accelerator.backward(loss)
-    module = model.module if hasattr(model, "module") else model  # unwrap DDP
-    grads = {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
-    return loss, grads
+    loss, _ = objective(model(images, text), SimpleNamespace(text_mask=mask))
+    return loss, backward_and_grads(model, loss, accelerator)
 
 
 def main(out: str) -> None:

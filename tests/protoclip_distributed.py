@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from tests.distributed_reference import CAPTIONS
+from tests.distributed_reference import CAPTIONS, backward_and_grads
 from tests.distributed_reference import batch as reference_batch
 from vlp import distributed
 from vlp.config import load_config
@@ -67,13 +67,7 @@ def batch():
 def loss_and_grads(model, objective, images, text, keys, accelerator=None):
     loss, logs = objective(model(images, text), SimpleNamespace(keys=keys))
     assert {"loss/prototype", "loss/prototype_external"} <= logs.keys()
-    if accelerator is None:
-        loss.backward()
-    else:
-        accelerator.backward(loss)
-    module = model.module if hasattr(model, "module") else model  # unwrap DDP
-    grads = {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
-    return loss, grads
+    return loss, backward_and_grads(model, loss, accelerator)
 
 
 def main(out: str) -> None:

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from tests.conftest import run_two_processes
 from tests.distributed_reference import batch, build, loss_and_grads
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,27 +23,10 @@ GAP_TERMS = [
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides, port", [([], 29517), (GAP_TERMS, 29518)], ids=["clip", "gap"])
-def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path, overrides, port):
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+@pytest.mark.parametrize("overrides", [[], GAP_TERMS], ids=["clip", "gap"])
+def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path, overrides):
     out = tmp_path / "two.pt"
-    result = subprocess.run(
-        [
-            torchrun,
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(port),
-            "-m",
-            "tests.distributed_worker",
-            str(out),
-            *overrides,
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_two_processes("tests.distributed_worker", str(out), *overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     two = torch.load(out)
     model, objective = build(overrides)

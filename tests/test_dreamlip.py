@@ -8,11 +8,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import shutil
-import socket
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -24,6 +19,7 @@ import torch.nn.functional as F
 import torchvision.transforms as T
 from PIL import Image
 
+from tests.conftest import run_two_processes
 from vlp.config import ConfigError, load_config
 from vlp.data.pipeline import build_loader
 from vlp.data.subcaptions import (
@@ -429,28 +425,13 @@ def test_subcaption_config_errors_name_the_key(overrides, message):
         load_config(None, ["data.train_shards=x", *overrides])
 
 
-def _free_port() -> int:
-    """A port nothing listens on now (tests of other checkouts may run torchrun meanwhile)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
     """multi_positive + subcaption_grouping (with masked slots) + caption on a tiny CoCa."""
     from tests import dreamlip_distributed as reference
 
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     out = tmp_path / "two.pt"
-    result = subprocess.run(
-        [torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port())]
-        + ["-m", "tests.dreamlip_distributed", str(out)],
-        cwd=Path(__file__).resolve().parents[1],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_two_processes("tests.dreamlip_distributed", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     two = torch.load(out)
     model, objective = reference.build()

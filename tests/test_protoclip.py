@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from tests import protoclip_distributed as reference
-from tests.conftest import NO_DEMO_EVAL
+from tests.conftest import NO_DEMO_EVAL, run_two_processes
 from vlp.checkpoint import open_clip_weights
 from vlp.config import ConfigError, TrainConfig, load_config
 from vlp.data.pipeline import SampleDecoder
@@ -255,16 +254,8 @@ def test_outside_clustering_episodes_the_total_is_the_contrastive_loss_bit_exact
 
 @pytest.mark.slow
 def test_two_processes_build_the_same_episode_and_the_same_gradients(tmp_path):
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     out = tmp_path / "two.pt"
-    result = subprocess.run(
-        [torchrun, "--nproc_per_node", "2", "--master_port", "29531"]
-        + ["-m", "tests.protoclip_distributed", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_two_processes("tests.protoclip_distributed", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     two = torch.load(out)
     state = reference.state_of(reference.bank())
