@@ -17,6 +17,7 @@ Writes bench/results/protoclip_comparison.json and the README table.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
 import subprocess
@@ -68,6 +69,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--quick", action="store_true", help="40 steps, one seed; bench/.work")
+    parser.add_argument(
+        "--summary-only", action="store_true", help="re-summarise the results file's runs"
+    )
     return parser.parse_args(argv)
 
 
@@ -137,16 +141,17 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Per dataset and variant: mean of each metric over seeds; time relative to CLIP."""
     summary: dict[str, Any] = {}
     for dataset in sorted({r["dataset"] for r in runs}):
-        clip_seconds = {r["seed"]: r["seconds"] for r in runs if r["variant"] == "clip"}
+        mine = [r for r in runs if r["dataset"] == dataset]
+        clip_seconds = {r["seed"]: r["seconds"] for r in mine if r["variant"] == "clip"}
         for variant in VARIANTS:
-            mine = [r for r in runs if r["dataset"] == dataset and r["variant"] == variant]
-            if not mine:
+            own = [r for r in mine if r["variant"] == variant]
+            if not own:
                 continue
-            cell = {m: round(statistics.mean(r["metrics"][m] for r in mine), 4) for m in METRICS}
-            cell["seconds"] = round(statistics.median(r["seconds"] for r in mine), 1)
-            ratios = [r["seconds"] / clip_seconds[r["seed"]] for r in mine]
+            cell = {m: round(statistics.mean(r["metrics"][m] for r in own), 4) for m in METRICS}
+            cell["seconds"] = round(statistics.median(r["seconds"] for r in own), 1)
+            ratios = [r["seconds"] / clip_seconds[r["seed"]] for r in own]
             cell["time_vs_clip"] = round(statistics.median(ratios), 2)
-            cell["seeds"] = len(mine)
+            cell["seeds"] = len(own)
             summary[f"{dataset}/{variant}"] = cell
     return summary
 
@@ -169,6 +174,8 @@ def readme_table(summary: dict[str, Any], steps: int, batch: int, seeds: int) ->
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.summary_only:
+        return resummarise(RESULTS / "protoclip_comparison.json")
     if args.quick:
         args.steps, args.seeds = 40, args.seeds[:1]
     runs = []
@@ -201,14 +208,30 @@ def main(argv: list[str] | None = None) -> int:
     table = readme_table(summary, args.steps, args.batch_size, len(args.seeds))
     print(table)
     if not args.quick:
-        readme = REPO / "README.md"
-        text = readme.read_text()
-        start, end = text.find("<!-- PROTOCLIP:START"), text.find("<!-- PROTOCLIP:END -->")
-        if start >= 0 and end > start:
-            text = text[:start] + table + text[end + len("<!-- PROTOCLIP:END -->") :]
-            readme.write_text(text)
+        write_readme(table)
     print(f"results: {out}")
     return 0
+
+
+def resummarise(path: Path) -> int:
+    payload = json.loads(path.read_text())
+    payload["summary"] = summarize(payload["runs"])
+    write_results(path, payload)
+    settings = payload["settings"]
+    table = readme_table(
+        payload["summary"], settings["steps"], settings["batch_size"], len(settings["seeds"])
+    )
+    write_readme(table)
+    print(table)
+    return 0
+
+
+def write_readme(table: str) -> None:
+    readme = REPO / "README.md"
+    text = readme.read_text()
+    start, end = text.find("<!-- PROTOCLIP:START"), text.find("<!-- PROTOCLIP:END -->")
+    if start >= 0 and end > start:
+        readme.write_text(text[:start] + table + text[end + len("<!-- PROTOCLIP:END -->") :])
 
 
 if __name__ == "__main__":
