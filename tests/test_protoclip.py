@@ -323,7 +323,7 @@ def _weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
 def test_episodes_warm_up_cluster_and_freeze_the_image_tower_and_resume_exactly(shards, tmp_path):
     log = _train(shards, tmp_path / "a")
     assert "episode 0: steps 1-15, without prototypes" in log and "episode 1: steps 16-30" in log
-    assert "episode 3: steps 46-60, without prototypes" in log and "k-means of 120 samples" in log
+    assert "episode 3: steps 46-60, without prototypes" in log and "clustering: 120 samples" in log
     records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").open()]
     steps = {r["step"]: r for r in records if "loss/total" in r}
     for step in range(1, 16):  # warm-up: the contrastive loss alone, bit for bit
@@ -344,7 +344,7 @@ def test_episodes_warm_up_cluster_and_freeze_the_image_tower_and_resume_exactly(
     resumed.mkdir(parents=True)
     shutil.copytree(tmp_path / "a" / "checkpoints" / f"step_{20:09d}", resumed / f"step_{20:09d}")
     log = _train(shards, tmp_path / "b")
-    assert "resumed from" in log and log.count("k-means of") == 1  # episode 2's only
+    assert "resumed from" in log and log.count("clustering: ") == 1  # episode 2's only
     final = _weights(tmp_path / "b", STEPS)
     assert final.keys() == after.keys()
     assert all(torch.equal(final[k], after[k]) for k in after)

@@ -344,7 +344,9 @@ def build_state(
     if distributed.rank() == 0:
         started = time.monotonic()
         tensors = _cluster(image, text, captions, clustering, teacher, device)
-        say(f"k-means of {rows} samples into {k} clusters in {time.monotonic() - started:.1f} s")
+        what = "each modality and the teacher" if teacher is not None else "each modality"
+        seconds = time.monotonic() - started
+        say(f"clustering: {rows} samples into {k} clusters for {what} in {seconds:.1f} s")
     else:  # filled by the broadcast
         labels, centroids = (rows,), (k, dim)
         shapes = dict(image_labels=labels, text_labels=labels, image_centroids=centroids)
