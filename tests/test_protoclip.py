@@ -307,11 +307,11 @@ def shards(tmp_path_factory) -> str:
     return str(out / "train" / "{00000..00007}.tar")
 
 
-def _train(shards: str, run_dir: Path) -> str:
+def _train(shards: str, run_dir: Path, *extra: str, code: int = 0) -> str:
     command = [sys.executable, "vlp/train.py", "--config", "configs/protoclip_demo.yaml"]
-    command += [f"data.train_shards={shards}", f"run.output_dir={run_dir}", *RUN]
+    command += [f"data.train_shards={shards}", f"run.output_dir={run_dir}", *RUN, *extra]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == code, result.stderr[-3000:]
     return result.stderr
 
 
@@ -343,6 +343,9 @@ def test_episodes_warm_up_cluster_and_freeze_the_image_tower_and_resume_exactly(
     resumed = tmp_path / "b" / "checkpoints"
     resumed.mkdir(parents=True)
     shutil.copytree(tmp_path / "a" / "checkpoints" / f"step_{20:09d}", resumed / f"step_{20:09d}")
+    # other episodes would be another data stream: a changed prototypes setting cannot resume
+    log = _train(shards, tmp_path / "b", "prototypes.episode_shards=4", code=2)
+    assert "different data stream (prototypes changed)" in log and "Traceback" not in log
     log = _train(shards, tmp_path / "b")
     assert "resumed from" in log and log.count("clustering: ") == 1  # episode 2's only
     final = _weights(tmp_path / "b", STEPS)
