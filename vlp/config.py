@@ -117,6 +117,10 @@ class TrainConfig:
     """torch.compile the model."""
     deterministic: bool = False
     """Deterministic algorithms (bitwise-reproducible runs on CPU; slower on GPU)."""
+    threads: int = 0
+    """CPU runs: torch's intra-op threads per process; 0 = the cores this process may use ÷
+    the processes on this node. OMP_NUM_THREADS is not read on CPU: `accelerate launch` and
+    torchrun set it to 1 themselves, which would train on one core. GPU runs ignore it."""
     log_every_steps: int = 10
 
 
@@ -353,6 +357,7 @@ def _validate(cfg: Config) -> None:
         (cfg.data.workers >= 0, "data.workers", "0 or more"),
         (cfg.train.steps >= 1, "train.steps", "at least 1"),
         (cfg.train.grad_accum >= 1, "train.grad_accum", "at least 1"),
+        (cfg.train.threads >= 0, "train.threads", "0 (automatic) or more"),
         (cfg.train.warmup_steps >= 0, "train.warmup_steps", "0 or more"),
         (cfg.checkpoint.every_steps >= 1, "checkpoint.every_steps", "at least 1"),
         (cfg.checkpoint.keep >= 1, "checkpoint.keep", "at least 1"),

@@ -6,6 +6,7 @@ gradient path, which silently drops the cross-rank terms of a contrastive loss's
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Any
 
@@ -26,6 +27,27 @@ def new_accelerator(**kwargs: Any):
     from accelerate import Accelerator
 
     return Accelerator(cpu=not torch.cuda.is_available(), **kwargs)
+
+
+def local_processes() -> int:
+    """Processes of this run on this node (torchrun and accelerate's launchers set it)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def cpu_threads(requested: int) -> int:
+    """torch's intra-op threads for one CPU process: `requested`, or with 0 this process's
+    cores ÷ the processes on this node.
+
+    OMP_NUM_THREADS is deliberately not consulted: `accelerate launch` and torchrun set it to 1
+    for every CPU process, which would leave all but one core idle.
+    """
+    if requested:
+        return requested
+    if hasattr(os, "sched_getaffinity"):  # Linux: the cores this process may run on
+        cores = len(os.sched_getaffinity(0))
+    else:
+        cores = os.cpu_count() or 1
+    return max(1, cores // local_processes())
 
 
 def configure_engine(accelerator, micro_batch: int, grad_accum: int, grad_clip: float) -> None:

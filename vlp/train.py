@@ -80,6 +80,8 @@ class Trainer:
             if episodic
             else None,
         )
+        if self.accelerator.device.type == "cpu":
+            torch.set_num_threads(distributed.cpu_threads(cfg.train.threads))
         set_seed(cfg.train.seed)
         torch.use_deterministic_algorithms(cfg.train.deterministic)
         model, train_transform, eval_transform, tokenizer = build_model(
@@ -220,7 +222,8 @@ class Trainer:
         acc.init_trackers(self.run_dir.name)
         self.logger = MetricsLogger(self.run_dir, acc, self.cfg.train.steps, self.step)
         where = f"resumed from {resumed['path']} at step {self.step}" if resumed else "started"
-        self._message(f"{where}; run directory {self.run_dir}")
+        threads = f"; {torch.get_num_threads()} CPU threads" if acc.device.type == "cpu" else ""
+        self._message(f"{where}; run directory {self.run_dir}{threads}")
 
     def _eval_model(self, transform, tokenizer) -> EvalModel:
         """The live open_clip module (not a copy), so evaluations see the current weights."""
