@@ -89,6 +89,11 @@ class DataConfig:
     subcaptions: SubcaptionConfig = field(default_factory=SubcaptionConfig)
     decoder_caption: str = "raw"
     """Target of the CoCa decoder: raw or long (the first long caption, truncated to context)."""
+    hard_negatives: int = 0
+    """Negative captions per image (NegCLIP): up to this many from the `.json` sidecar's
+    `negatives` list, added as extra columns of objectives.contrastive's image->text side.
+    Fewer in a sample: the rest are masked out; no `negatives` field: the sample is skipped
+    (missing_negatives). 0: off."""
 
 
 @dataclass
@@ -132,6 +137,8 @@ class ContrastiveConfig:
     fixed_temperature: float | None = None
     """Fix the temperature to this value instead of learning it (the contrastive-gap recipe
     uses 0.01, i.e. scale 100); the model's logit_scale is set to ln(1/this) and frozen."""
+    decoupled: bool = False
+    """DCL (Yeh et al. 2022): leave the positive pair out of each softmax's denominator."""
 
 
 @dataclass
@@ -273,8 +280,65 @@ class CheckpointConfig:
     """How many of the newest checkpoints to keep (older ones are deleted)."""
 
 
-EVAL_TYPES = ("auto", "zeroshot_classification", "zeroshot_retrieval", "geometry")
+EVAL_TYPES = (
+    "auto", "zeroshot_classification", "zeroshot_retrieval", "geometry", "captioning",
+    "linear_probe",
+)  # fmt: skip
 """eval.tasks' names (vlp does not import eval; a test keeps the two lists equal)."""
+CAPTION_METHODS = ("greedy", "beam")
+
+
+@dataclass
+class CaptionConfig:
+    """How a CoCa writes captions (vlp.generate): `vlp-eval --task captioning` and evaluators."""
+
+    method: str = "greedy"
+    """greedy (the most likely token at each step) | beam (beam search)."""
+    num_beams: int = 4
+    """Beams per image (beam search)."""
+    max_tokens: int = 28
+    """Most caption tokens, start and end tokens not counted (open_clip's seq_len of 30)."""
+    min_tokens: int = 0
+    """Fewest caption tokens before the end token is allowed."""
+    no_repeat_ngram: int = 0
+    """n >= 2: never repeat an n-gram within a caption; 0 = off."""
+    length_penalty: float = 1.0
+    """Beam search ranks finished captions by log-probability / (tokens + 1) ** this."""
+
+
+def caption_checks(caption: CaptionConfig) -> list[tuple[bool, str, str]]:
+    """(ok, field, what it must be) for each rule a CaptionConfig must follow."""
+    return [
+        (caption.method in CAPTION_METHODS, "method", " or ".join(CAPTION_METHODS)),
+        (caption.num_beams >= 1, "num_beams", "at least 1"),
+        (caption.max_tokens >= 1, "max_tokens", "at least 1"),
+        (0 <= caption.min_tokens <= caption.max_tokens, "min_tokens", "in [0, max_tokens]"),
+        (caption.no_repeat_ngram == 0 or caption.no_repeat_ngram >= 2, "no_repeat_ngram",
+         "0 (off) or at least 2"),
+        (math.isfinite(caption.length_penalty), "length_penalty", "a finite number"),
+    ]  # fmt: skip
+
+
+@dataclass
+class ProbeConfig:
+    """The linear probe (eval.linear_probe): clip_benchmark's protocol and defaults."""
+
+    val_proportion: float = 0.2
+    """Share of the train split held out to choose the weight decay."""
+    epochs: int = 10
+    lr: float = 0.1
+    """AdamW learning rate (cosine schedule, no warm-up)."""
+    batch_size: int = 64
+
+
+def probe_checks(probe: ProbeConfig) -> list[tuple[bool, str, str]]:
+    """(ok, field, what it must be) for each rule a ProbeConfig must follow."""
+    return [
+        (0 < probe.val_proportion < 1, "val_proportion", "in (0, 1)"),
+        (probe.epochs >= 1, "epochs", "at least 1"),
+        (math.isfinite(probe.lr) and probe.lr > 0, "lr", "a positive number"),
+        (probe.batch_size >= 1, "batch_size", "at least 1"),
+    ]
 
 
 @dataclass
@@ -287,7 +351,8 @@ class EvalConfig:
     without this evaluator."""
     type: str = "auto"
     """auto (from the set's dataset_type.txt) | zeroshot_classification | zeroshot_retrieval |
-    geometry."""
+    geometry | captioning (CoCa; a retrieval set) | linear_probe (a classification set with a
+    train/ split)."""
     every_steps: int = 0
     """Evaluate every this many optimizer steps; 0 = only at the end."""
     at_end: bool = True
@@ -296,6 +361,10 @@ class EvalConfig:
     """Images per forward pass."""
     workers: int = 0
     """DataLoader processes decoding the eval images (0 = in the training process)."""
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
+    """captioning: how captions are generated."""
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    """linear_probe: validation share, epochs, learning rate, batch."""
 
 
 @dataclass
@@ -384,6 +453,7 @@ def _validate(cfg: Config) -> None:
         ),
         *_eval_checks(cfg.eval),
         *_prototype_checks(cfg),
+        *_negative_checks(cfg),
     ]
     for ok, key, expected in checks:
         if not ok:
@@ -486,6 +556,39 @@ def _prototype_checks(cfg: Config) -> list[tuple[bool, str, str]]:
     ]
 
 
+def _negative_checks(cfg: Config) -> list[tuple[bool, str, str]]:
+    """Hard negatives are extra text slots that only the contrastive term reads as negatives."""
+    negatives, objectives = cfg.data.hard_negatives, cfg.objectives
+    checks = [
+        (negatives >= 0, "data.hard_negatives", "0 (off) or more"),
+        (
+            cfg.data.batch_size >= 2 or negatives > 0 or not objectives.contrastive.decoupled,
+            "data.batch_size",
+            "at least 2 with objectives.contrastive.decoupled (or use data.hard_negatives)",
+        ),
+    ]
+    if negatives <= 0:
+        return checks
+    return checks + [
+        (
+            cfg.data.caption == "raw",
+            "data.caption",
+            "raw with data.hard_negatives (the sidecar's negatives belong to the .txt caption)",
+        ),
+        (
+            objectives.contrastive.weight > 0,
+            "objectives.contrastive.weight",
+            "non-zero with data.hard_negatives (only the contrastive term uses them)",
+        ),
+        (
+            not (objectives.multi_positive.weight or objectives.subcaption_grouping.weight),
+            "data.hard_negatives",
+            "0 with objectives.multi_positive or subcaption_grouping (they would read the "
+            "negatives as sub-captions)",
+        ),
+    ]
+
+
 def _eval_checks(evaluators: dict[str, EvalConfig]) -> list[tuple[bool, str, str]]:
     checks = []
     for name, entry in evaluators.items():
@@ -497,6 +600,10 @@ def _eval_checks(evaluators: dict[str, EvalConfig]) -> list[tuple[bool, str, str
             (entry.batch_size >= 1, f"eval.{name}.batch_size", "at least 1"),
             (entry.workers >= 0, f"eval.{name}.workers", "0 or more"),
         ]
+        checks += [(ok, f"eval.{name}.caption.{key}", what)
+                   for ok, key, what in caption_checks(entry.caption)]  # fmt: skip
+        checks += [(ok, f"eval.{name}.probe.{key}", what)
+                   for ok, key, what in probe_checks(entry.probe)]  # fmt: skip
     return checks
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,6 +29,15 @@ from vlp.model import ModelOutput
 
 CACHED = ("image_emb", "text_emb", "text_emb_all")
 """ModelOutput fields the coupled terms may read (besides logit_scale), cached per row."""
+
+
+@dataclass
+class MergedBatch:
+    """What coupled terms read from a batch, over all micro-batches: the text slots' layout."""
+
+    text_mask: Tensor
+    """[k*B, T] the micro-batches' masks, concatenated."""
+    num_negatives: int
 
 
 def coupled_terms(objective: Any) -> dict[str, Any]:
@@ -55,8 +65,9 @@ def grad_cache_step(
     coupled = coupled_terms(objective)
     logs: dict[str, Tensor] = {}
     total = torch.zeros((), device=merged.image_emb.device)
+    merged_batch = _merged_batch(batches)
     for name, term in coupled.items():
-        value = term(merged, None)
+        value = term(merged, merged_batch)
         logs[f"loss/{name}"] = value.detach()
         total = total + objective.weights[name] * value
     cached = dict(zip(leaves, torch.autograd.grad(total, list(leaves.values())), strict=True))
@@ -80,6 +91,14 @@ def grad_cache_step(
         objective.weights[n] * logs[f"loss/{n}"] for n in others if f"loss/{n}" in logs
     )
     return logs
+
+
+def _merged_batch(batches: Sequence[Any]) -> MergedBatch | None:
+    """The micro-batches' slot layout (None for inputs without one, e.g. plain tuples)."""
+    if not all(hasattr(batch, "text_mask") for batch in batches):
+        return None
+    mask = torch.cat([batch.text_mask for batch in batches])
+    return MergedBatch(mask, getattr(batches[0], "num_negatives", 0))
 
 
 def _merged_leaves(outputs: list[ModelOutput]) -> tuple[ModelOutput, dict[str, Tensor]]:

@@ -12,6 +12,10 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 CAPTION_EXTENSION = "txt"
 METADATA_EXTENSION = "json"
+NEGATIVES_FIELD = "negatives"
+"""Sidecar field: a list of hard-negative captions of the `.txt` caption (data.hard_negatives);
+`negative_kinds` beside it names each one's kind (e.g. swap_colour)."""
+NEGATIVE_KINDS_FIELD = "negative_kinds"
 LABEL_EXTENSION = "cls"
 """clip_benchmark's classification label member: the class index as decimal text."""
 
@@ -50,6 +54,8 @@ class Reason(str, Enum):
     MISSING_CAPTION = "missing_caption"
     EMPTY_CAPTION = "empty_caption"
     NON_UTF8_CAPTION = "non_utf8_caption"
+    MISSING_NEGATIVES = "missing_negatives"
+    """Training with data.hard_negatives, and the `.json` sidecar has no `negatives` list."""
     BAD_LABEL = "bad_label"
     MALFORMED_ROW = "malformed_row"
     TRUNCATED_TAR = "truncated_tar"

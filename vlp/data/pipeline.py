@@ -14,26 +14,20 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import io
-import json
-import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vlp.data.format import Reason
+from vlp.data.decode import BadSample, SampleDecoder
+from vlp.data.format import NEGATIVES_FIELD, Reason
 from vlp.data.shards import DataError, expand_shards, read_shard, shard_sequence
-from vlp.data.subcaptions import SPLITTERS, sample_subcaptions, sentence_pool
-
-MAX_PIXELS = 89_478_485
 
 
 @dataclass
@@ -76,7 +70,8 @@ class Batch:
     text: Tensor
     """[B, T, L] token ids of the captions (T = 1 for one caption per image)."""
     text_mask: Tensor
-    """[B, T] bool: False where a sub-caption slot repeats the raw caption (empty pool)."""
+    """[B, T] bool: False where a sub-caption slot repeats the raw caption (empty pool), or a
+    hard-negative slot is empty."""
     decoder_text: Tensor | None
     """[B, L] decoder targets when they differ from text slot 0, else None."""
     keys: list[str]
@@ -84,6 +79,8 @@ class Batch:
     """Logical worker that produced this batch."""
     position: Position
     """That worker's position after this batch."""
+    num_negatives: int = 0
+    """The last this many text slots are hard negatives of slot 0 (data.hard_negatives)."""
 
     def pin_memory(self) -> Batch:
         """Called by the DataLoader's pinning thread (pin_memory=True) for fast copies to GPU."""
@@ -93,108 +90,6 @@ class Batch:
         if self.decoder_text is not None:
             self.decoder_text = self.decoder_text.pin_memory()
         return self
-
-
-class BadSample(Exception):
-    def __init__(self, reason: Reason):
-        super().__init__(reason.value)
-        self.reason = reason
-
-
-@dataclass(frozen=True)
-class SampleDecoder:
-    """Raw tar sample -> (image, caption tokens [T, L], slot mask [T], decoder tokens or None)."""
-
-    transform: Callable[[Image.Image], Tensor]
-    tokenizer: Callable[[list[str]], Tensor]
-    image_keys: tuple[str, ...]
-    text_key: str
-    caption: str
-    decoder_caption: str
-    subcaptions: Any = None
-    """The data.subcaptions slice (used when caption == "subcaptions")."""
-
-    def __call__(self, sample: dict[str, Any], seed: int = 0):
-        """`seed` drives the sub-caption draw (the pipeline derives it from the position)."""
-        image = self.transform(self._image(sample))
-        if self.caption == "subcaptions":
-            texts, valid = self._subcaptions(sample, np.random.default_rng(seed))
-        else:
-            texts, valid = [self._text(sample, self.caption)], [True]
-        tokens = self.tokenizer(texts)  # [T, L]
-        decoder = None
-        if self.decoder_caption != self.slot0_policy:
-            decoder = self.tokenizer([self._text(sample, self.decoder_caption)])[0]
-        return image, tokens, torch.tensor(valid), decoder
-
-    @property
-    def slot0_policy(self) -> str:
-        """The caption policy of text slot 0 (the raw caption when sampling sub-captions)."""
-        return "raw" if self.caption == "subcaptions" else self.caption
-
-    def slot0_caption(self, sample: dict[str, Any]) -> str:
-        return self._text(sample, self.slot0_policy)
-
-    def _subcaptions(self, sample: dict[str, Any], rng: np.random.Generator):
-        cfg = self.subcaptions
-        pool = sentence_pool(self._json(sample), SPLITTERS[cfg.splitter])
-        raw = self._text(sample, "raw")
-        return sample_subcaptions(raw, pool, cfg.num, rng, cfg.merge, cfg.exclude_last)
-
-    def _image(self, sample: dict[str, Any]) -> Image.Image:
-        key = next((k for k in self.image_keys if k in sample), None)
-        if key is None:
-            raise BadSample(Reason.MISSING_IMAGE)
-        data = sample[key]
-        if not data:
-            raise BadSample(Reason.EMPTY_IMAGE)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image = Image.open(io.BytesIO(data))
-                if image.width * image.height > MAX_PIXELS:
-                    raise BadSample(Reason.DECOMPRESSION_BOMB)
-                image.load()
-        except BadSample:
-            raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise BadSample(Reason.DECOMPRESSION_BOMB) from None
-        except Exception as err:  # Pillow raises many types; its message says "truncated"
-            truncated = "truncated" in str(err).lower()
-            raise BadSample(
-                Reason.TRUNCATED_IMAGE if truncated else Reason.UNDECODABLE_IMAGE
-            ) from None
-        return image.convert("RGB")
-
-    def _text(self, sample: dict[str, Any], policy: str) -> str:
-        if policy == "raw":
-            value = sample.get(self.text_key)
-        else:
-            meta = self._json(sample)
-            value = meta.get("long" if policy == "long" else policy.removeprefix("json:"))
-            if isinstance(value, list):
-                value = value[0] if value else None
-        if value is None:
-            raise BadSample(Reason.MISSING_CAPTION)
-        if isinstance(value, bytes):
-            try:
-                value = value.decode("utf-8")
-            except UnicodeDecodeError:
-                raise BadSample(Reason.NON_UTF8_CAPTION) from None
-        value = str(value).strip()
-        if not value:
-            raise BadSample(Reason.EMPTY_CAPTION)
-        return value
-
-    @staticmethod
-    def _json(sample: dict[str, Any]) -> dict[str, Any]:
-        try:
-            meta = json.loads(sample.get("json") or b"{}")
-        except ValueError:
-            raise BadSample(Reason.MALFORMED_ROW) from None
-        if not isinstance(meta, dict):
-            raise BadSample(Reason.MALFORMED_ROW)
-        return meta
 
 
 @dataclass(frozen=True)
@@ -305,13 +200,21 @@ def worker_batches(
                 raise DataError(_no_usable_samples(decode, seen_keys, bad)) from None
             continue
         if len(items) == spec.batch_size:
-            yield _collate(items, worker, Position(list(cursors), drawn, dict(bad)))
+            position = Position(list(cursors), drawn, dict(bad))
+            yield _collate(items, worker, position, decode.hard_negatives)
             items = []
 
 
 def _no_usable_samples(decode: SampleDecoder, keys: set[str], bad: Counter) -> str:
     seen = ", ".join(f".{k}" for k in sorted(keys))
     reasons = ", ".join(f"{r} {n}" for r, n in bad.most_common())
+    if bad.most_common(1)[0][0] == Reason.MISSING_NEGATIVES.value:
+        return (
+            f"no usable sample in the first shards: skipped {reasons}. With "
+            f"data.hard_negatives={decode.hard_negatives} every sample's .json needs a "
+            f"'{NEGATIVES_FIELD}' list: write shards with negatives (vlp-shard demo, "
+            "fashion-mnist) or set data.hard_negatives=0"
+        )
     return (
         f"no usable sample in the first shards: members seen {seen}; skipped {reasons}. "
         f"Expected an image ({'/'.join(decode.image_keys)}) and caption "
@@ -320,7 +223,7 @@ def _no_usable_samples(decode: SampleDecoder, keys: set[str], bad: Counter) -> s
     )
 
 
-def _collate(items: list[tuple], worker: int, position: Position) -> Batch:
+def _collate(items: list[tuple], worker: int, position: Position, num_negatives: int) -> Batch:
     images, tokens, masks, decoder, keys = zip(*items, strict=True)
     return Batch(
         images=torch.stack(images),
@@ -330,6 +233,7 @@ def _collate(items: list[tuple], worker: int, position: Position) -> Batch:
         keys=list(keys),
         worker=worker,
         position=position,
+        num_negatives=num_negatives,
     )
 
 
@@ -414,4 +318,5 @@ def sample_decoder(data_cfg: Any, transform, tokenizer) -> SampleDecoder:
         data_cfg.caption,
         data_cfg.decoder_caption,
         data_cfg.subcaptions,
+        data_cfg.hard_negatives,
     )

@@ -1,4 +1,13 @@
-"""Symmetric InfoNCE (CLIP) with a learnable, clamped temperature, over the global batch."""
+"""Symmetric InfoNCE (CLIP) with a learnable, clamped temperature, over the global batch.
+
+Two options change the image->text side or both softmaxes:
+
+- hard negatives (NegCLIP, `data.hard_negatives`): each image brings K negative captions, the
+  batch's trailing K text slots; image->text rows then span every gathered caption plus every
+  gathered negative. Negatives are never queries, so text->image is unchanged.
+- decoupled (DCL): the positive is left out of each row's denominator,
+  L_i = -s_ii + log sum_{j != i} exp(s_ij)   (s: scaled cosines).
+"""
 
 from __future__ import annotations
 
@@ -13,21 +22,66 @@ from vlp import distributed
 from vlp.objectives import OBJECTIVES
 
 
-def clip_loss(image_emb: Tensor, text_emb: Tensor, scale: Tensor) -> Tensor:
+def clip_loss(
+    image_emb: Tensor,
+    text_emb: Tensor,
+    scale: Tensor,
+    negatives: Tensor | None = None,
+    negative_mask: Tensor | None = None,
+    decoupled: bool = False,
+) -> Tensor:
     """Mean of image->text and text->image cross-entropy.
 
     image_emb, text_emb: [B, D] L2-normalised local rows. Each rank scores its own rows against
     the gathered columns of all ranks (`local loss`), so memory is O(B * W * B), and the mean over
     ranks equals the single-process loss on the concatenated batch.
+    negatives: [B, K, D] normalised negative captions of each image; negative_mask [B, K] (bool)
+    marks the real ones (the others are no column at all).
     """
     all_image = distributed.gather_with_grad(image_emb)  # [W*B, D]
     all_text = distributed.gather_with_grad(text_emb)
     targets = distributed.contrastive_targets(image_emb.shape[0], image_emb.device)
     logits_per_image = scale * image_emb @ all_text.T  # [B, W*B]
     logits_per_text = scale * text_emb @ all_image.T
-    return (
-        F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_text, targets)
-    ) / 2
+    if negatives is not None:
+        logits_per_image = torch.cat(
+            [logits_per_image, _negative_logits(image_emb, negatives, negative_mask, scale)], 1
+        )  # [B, W*B + W*B*K]
+    cross_entropy = decoupled_cross_entropy if decoupled else F.cross_entropy
+    return (cross_entropy(logits_per_image, targets) + cross_entropy(logits_per_text, targets)) / 2
+
+
+def _negative_logits(
+    image_emb: Tensor, negatives: Tensor, mask: Tensor | None, scale: Tensor
+) -> Tensor:
+    """[B, W*B*K] scaled cosines of the local images to every rank's negatives; -inf where a
+    negative slot is empty."""
+    all_negatives = distributed.gather_with_grad(negatives.flatten(0, 1))  # [W*B*K, D]
+    logits = scale * image_emb @ all_negatives.T
+    if mask is None:
+        return logits
+    present = distributed.gather(mask.flatten().to(logits.device))
+    return logits.masked_fill(~present, -math.inf)
+
+
+def decoupled_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """mean_i (-logits[i, t_i] + logsumexp_{j != t_i} logits[i, j])  (DCL)."""
+    positive = logits.gather(1, targets[:, None])[:, 0]
+    others = logits.scatter(1, targets[:, None], -math.inf)
+    return (torch.logsumexp(others, dim=1) - positive).mean()
+
+
+def negative_slots(out: Any, batch: Any) -> tuple[Tensor | None, Tensor | None]:
+    """([B, K, D] the batch's hard-negative embeddings, [B, K] their mask), or (None, None).
+
+    They are the last `batch.num_negatives` text slots (vlp.data.pipeline.Batch).
+    """
+    count = getattr(batch, "num_negatives", 0)
+    if not count:
+        return None, None
+    if out.text_emb_all is None or out.text_emb_all.shape[1] <= count:
+        raise ValueError(f"a batch with {count} hard negatives per image needs 1 + that many slots")
+    return out.text_emb_all[:, -count:], batch.text_mask[:, -count:]
 
 
 @OBJECTIVES.register("contrastive")
@@ -38,9 +92,13 @@ class ContrastiveObjective:
     def __init__(self, cfg: Any):
         self.max_log_scale = math.log(cfg.max_logit_scale)
         self.fixed_temperature = cfg.fixed_temperature
+        self.decoupled = cfg.decoupled
 
     def __call__(self, out: Any, batch: Any) -> Tensor:
-        return clip_loss(out.image_emb, out.text_emb, out.logit_scale)
+        negatives, mask = negative_slots(out, batch)
+        return clip_loss(
+            out.image_emb, out.text_emb, out.logit_scale, negatives, mask, self.decoupled
+        )
 
     @torch.no_grad()
     def prepare_model(self, model: nn.Module) -> None:
