@@ -7,7 +7,7 @@ DEMO_DIR ?= data/demo
 WORKERS ?= 2
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test bench bench-gpu bench-reliability lint format clean
+.PHONY: help setup demo test bench studies bench-gpu bench-reliability lint format clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-9s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -41,9 +41,17 @@ bench: $(STAMP) ## run the CPU benchmarks against their peers; results in bench/
 	$(PY) bench/retrieval_scale.py
 	$(PY) bench/loss_memory.py
 	$(PY) bench/step_costs.py
-	$(PY) bench/gap_study.py
 	$(PY) bench/dreamlip_ablation.py
-	$(PY) bench/protoclip_comparison.py
+	$(PY) bench/readme_table.py
+
+STUDIES ?= studies/gap.yaml studies/dreamlip.yaml studies/protoclip.yaml
+STUDY_JOBS ?= 1
+studies: $(STAMP) ## multi-seed method studies (hours on 2 cores; resumable): study.md, README tables
+	@for study in $(STUDIES); do \
+		start=$$(date +%s); \
+		$(PY) -m vlp.study $$study --jobs $(STUDY_JOBS) || exit $$?; \
+		echo "$$study: $$(( $$(date +%s) - start )) s wall time"; \
+	done
 	$(PY) bench/readme_table.py
 
 GPU_PY ?= python3

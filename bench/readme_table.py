@@ -1,23 +1,37 @@
-"""Rewrite the README's performance table from bench/results/*.json (never typed by hand).
+"""Rewrite the README's generated tables from bench/results/ (never typed by hand).
 
-    .venv/bin/python bench/readme_table.py          # `make bench` runs it after the benchmarks
+    .venv/bin/python bench/readme_table.py     # `make bench` and `make studies` run it last
 
-The table sits between the two PERF markers in README.md. Each row reads one results file; a
-file that is missing leaves its row out.
+The performance table sits between the two PERF markers in README.md. Each row reads one
+results file; a file that is missing leaves its row out. Each `<!-- STUDY:<name>:START -->`
+... `<!-- STUDY:<name>:END -->` block gets the headline table of
+bench/results/studies/<name>/study.json (written by `vlp-study`); without that file the block
+is left as it is.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from vlp.study.report import headline_table  # noqa: E402
+
 RESULTS = REPO / "bench" / "results"
+STUDIES = RESULTS / "studies"
 README = REPO / "README.md"
 START, END = "<!-- PERF:START (bench/readme_table.py) -->", "<!-- PERF:END -->"
+STUDY_BLOCK = re.compile(
+    r"(?P<start><!-- STUDY:(?P<name>[\w.+-]+):START[^\n]*-->)\n"
+    r".*?(?P<end><!-- STUDY:(?P=name):END -->)",
+    re.DOTALL,
+)
 Row = tuple[str, str, str, str]
 """(what, peer, vlp / peer, note)"""
 
@@ -146,6 +160,32 @@ def table() -> str:
     return "\n".join(lines)
 
 
+def study_blocks(text: str) -> str:
+    """Every STUDY block whose study.json exists, rewritten from it."""
+
+    def rewrite(block: re.Match) -> str:
+        path = STUDIES / block["name"] / "study.json"
+        if not path.is_file():
+            return block[0]
+        payload = json.loads(path.read_text())
+        body = f"{study_caption(payload, path)}\n\n{headline_table(payload)}"
+        return f"{block['start']}\n{body}\n{block['end']}"
+
+    return STUDY_BLOCK.sub(rewrite, text)
+
+
+def study_caption(payload: dict[str, Any], path: Path) -> str:
+    report = path.with_name("study.md").relative_to(REPO)
+    seeds = ", ".join(map(str, payload["seeds"]))
+    return (
+        f"`vlp-study {payload['study']}`: seeds {seeds}, {payload['runs_finished']} of "
+        f"{payload['runs_total']} runs, {payload['seconds']['runs'] / 3600:.1f} h of training. "
+        f"Mean ± half-width of the {payload['confidence']:.0%} Student-t interval over seeds; "
+        f"Δ: paired difference against {payload['baseline']} [its interval]. All metrics and "
+        f"figures: [{report}]({report})."
+    )
+
+
 def main() -> int:
     text = README.read_text()
     if START not in text or END not in text:
@@ -153,7 +193,7 @@ def main() -> int:
         return 2
     head, rest = text.split(START, 1)
     tail = rest.split(END, 1)[1]
-    README.write_text(f"{head}{START}\n{table()}\n{END}{tail}")
+    README.write_text(study_blocks(f"{head}{START}\n{table()}\n{END}{tail}"))
     print(f"readme_table: {README.relative_to(REPO)} updated from {RESULTS.relative_to(REPO)}/")
     return 0
 

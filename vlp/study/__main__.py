@@ -1,0 +1,3 @@
+from vlp.study.cli import main
+
+raise SystemExit(main())
