@@ -178,7 +178,7 @@ def study_caption(payload: dict[str, Any], path: Path) -> str:
     report = path.with_name("study.md").relative_to(REPO)
     seeds = ", ".join(map(str, payload["seeds"]))
     return (
-        f"`vlp-study {payload['study']}`: seeds {seeds}, {payload['runs_finished']} of "
+        f"`vlp-study {payload['study']}`: seeds {seeds}; {payload['runs_finished']} of "
         f"{payload['runs_total']} runs, {payload['seconds']['runs'] / 3600:.1f} h of training. "
         f"Mean ± half-width of the {payload['confidence']:.0%} Student-t interval over seeds; "
         f"Δ: paired difference against {payload['baseline']} [its interval]. All metrics and "

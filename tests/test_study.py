@@ -148,6 +148,52 @@ def test_the_study_eval_section_replaces_the_base_evaluators(tmp_path):
         assert (evaluators[name].every_steps, evaluators[name].at_end) == (0, False)
 
 
+def _fake_finished_run(run, acc1: dict[int, float], attempts: list[tuple[float, float]]) -> None:
+    """What a finished run leaves: its final checkpoint, metrics records, attempt times."""
+    steps = run.config.train.steps
+    (run.run_dir / "checkpoints" / f"step_{steps:09d}").mkdir(parents=True)
+    (run.run_dir / "checkpoints" / f"step_{steps:09d}" / "meta.json").write_text("{}")
+    records = [{"step": step, "eval/s/acc1": value} for step, value in acc1.items()]
+    records.insert(1, {"step": steps, "loss/total": 1.0})
+    lines = [json.dumps(r) for r in records] + ['{"step": 9, "eval/s/ac']  # cut by a kill
+    (run.run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    times = [{"started": a, "pid": 1} for a, _ in attempts]
+    ends = [{"ended": b, "exit": 0} for _, b in attempts]
+    text = "".join(json.dumps(r) + "\n" for pair in zip(times, ends, strict=True) for r in pair)
+    (run.run_dir / "study-attempts.jsonl").write_text(text)
+
+
+def test_results_from_what_runs_wrote_with_a_failed_score_and_one_shared_seed(tmp_path):
+    from vlp.study.report import markdown
+    from vlp.study.results import run_record, summarize
+
+    command = ["{python}", "score.py", "{output}"]
+    study = load_study(
+        _write_study(tmp_path, overrides=["data.train_shards=x.tar", "train.steps=4",
+                     "data.batch_size=2", "train.grad_accum=3"], score={"p": command})
+    )  # fmt: skip
+    runs = {(r.variant, r.seed): r for r in study.runs}
+    _fake_finished_run(runs["base", 0], {2: 0.1, 4: 0.2}, [(0.0, 5.0), (9.0, 12.0)])
+    _fake_finished_run(runs["base", 1], {2: 0.2, 4: 0.4}, [(0.0, 7.0)])
+    _fake_finished_run(runs["fast", 0], {2: 0.3, 4: 0.5}, [(0.0, 6.0)])
+    (runs["base", 0].run_dir / "scores").mkdir()
+    (runs["base", 0].run_dir / "scores" / "p.json").write_text('{"metrics": {"x": 2}}')
+    records = [run_record(study, run) for run in study.runs]
+    assert [r["finished"] for r in records] == [True, True, True, False]  # fast seed 1: not
+    assert records[0]["final"] == {"s/acc1": 0.2, "p/x": 2.0, "wall/seconds": 8.0}
+    assert records[0]["curves"]["s/acc1"] == [[12, 0.1], [24, 0.2]]  # step x 2 x 3 samples
+    assert records[0]["attempts"] == 2 and "p/x" not in records[1]["final"]  # its score failed
+    payload = summarize(study, records, 1.0)
+    acc1 = payload["results"][""]["s/acc1"]
+    assert acc1["variants"]["base"]["n"] == 2 and acc1["variants"]["fast"]["low"] is None
+    assert acc1["differences"]["fast"] == {"n": 1, "mean": pytest.approx(0.3), "low": None,
+                                           "high": None}  # fmt: skip
+    assert payload["results"][""]["p/x"]["variants"]["base"]["n"] == 1
+    text = markdown(payload, [])
+    assert "| acc1 | 0.300 ± " in text and f"| 0.500 {ONE_SEED} | +0.300 {ONE_SEED} |" in text
+    assert "| fast seed 1 | not finished |" in text
+
+
 # ---- a micro-study: killed mid-run, started again
 
 

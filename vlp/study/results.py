@@ -38,9 +38,10 @@ def run_record(study: Study, run: Run) -> dict[str, Any]:
         return record
     final, curves = _evaluations(run)
     for name in study.scores:
-        # checked when the command wrote it (runner._score_problem)
-        scores = json.loads(score_path(run, name).read_text())["metrics"]
-        final.update({f"{name}/{k}": float(v) for k, v in scores.items()})
+        path = score_path(run, name)
+        if path.is_file():  # else its command failed, and the study says so
+            scores = json.loads(path.read_text())["metrics"]  # checked by runner._score_problem
+            final.update({f"{name}/{k}": float(v) for k, v in scores.items()})
     seconds, attempts = wall_time(run)
     final[WALL] = seconds
     record.update(
