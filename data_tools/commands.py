@@ -14,6 +14,7 @@ from data_tools.evalsets import (
     read_templates,
     write_classification_set,
     write_retrieval_set,
+    write_selection_set,
 )
 from data_tools.images import ImageOptions
 from data_tools.sources import Source
@@ -223,17 +224,31 @@ def run_fashion_mnist(args: argparse.Namespace) -> int:
                 write_retrieval_set(mosaics, args.out / "eval" / name, image, write_options(args)),
                 f"eval/{name}",
             )
+        from data_tools.sources.binding import FASHION_KINDS, FashionBindingSource
+
+        sets = {k: FashionBindingSource(args.idx_dir, k, args.eval_samples, args.seed)
+                for k in FASHION_KINDS}  # fmt: skip
+        write_binding_sets(sets, args.out, image, write_options(args))
     return 0
 
 
+def write_binding_sets(sources: dict[str, Source], out: Path, image, opts: WriteOptions) -> None:
+    """One image-caption selection set per kind of negative, in OUT/eval/binding/<kind>."""
+    for kind, source in sources.items():
+        name = f"eval/{fmt.BINDING_DIR}/{kind}"
+        report(write_selection_set(source, out / name, image, opts), name)
+
+
 def run_demo(args: argparse.Namespace) -> int:
-    from data_tools.sources import demo
+    from data_tools.sources import binding, demo
+    from data_tools.sources.negatives import DemoNegatives
 
     image = image_options(args, size=64, mode="none")
     opts = write_options(args)
     check_count(args.num_samples, "--num-samples")
     check_count(args.eval_samples, "--eval-samples")
-    write_train(demo.DemoSource(args.num_samples, image.size, args.seed), args.out, args, image)
+    train = DemoNegatives(demo.DemoSource(args.num_samples, image.size, args.seed))
+    write_train(train, args.out, args, image)
     shapes = demo.ShapesEvalSource(args.eval_samples, image.size, args.seed)
     summary = write_classification_set(
         shapes, args.out / "eval" / "shapes", demo.SHAPES, demo.SHAPE_TEMPLATES, image, opts
@@ -248,4 +263,7 @@ def run_demo(args: argparse.Namespace) -> int:
         report(
             write_retrieval_set(retrieval, args.out / "eval" / name, image, opts), f"eval/{name}"
         )
+    sets = {k: binding.DemoBindingSource(k, args.eval_samples, image.size, args.seed)
+            for k in binding.KINDS}  # fmt: skip
+    write_binding_sets(sets, args.out, image, opts)
     return 0

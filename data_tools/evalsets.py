@@ -3,8 +3,11 @@
     DIR/test/0.tar ... DIR/test/{n-1}.tar, DIR/test/nshards.txt
     DIR/classnames.txt, DIR/zeroshot_classification_templates.txt   (classification)
     DIR/dataset_type.txt                                             ("classification"|"retrieval")
+    DIR/task.txt                       ("image_caption_selection": a retrieval-typed set whose
+                                        .txt holds the true caption, then its hard negatives)
 
-so `clip_benchmark eval --dataset wds/NAME --dataset_root DIR` and `vlp-eval` both read it.
+so `clip_benchmark eval --dataset wds/NAME --dataset_root DIR` and `vlp-eval` both read it
+(clip_benchmark runs a selection set with `--task image_caption_selection`).
 """
 
 from __future__ import annotations
@@ -60,6 +63,17 @@ def write_retrieval_set(
     summary = write_dataset(source, out_dir / fmt.EVAL_SPLIT, layouts.RETRIEVAL, image, opts)
     if summary.complete:
         _finish(out_dir, summary, "retrieval")
+    return summary
+
+
+def write_selection_set(
+    source: Source, out_dir: Path, image: ImageOptions, opts: WriteOptions
+) -> Summary:
+    """Image-caption selection: `.txt` lines are the true caption, then its negatives."""
+    summary = write_dataset(source, out_dir / fmt.EVAL_SPLIT, layouts.RETRIEVAL, image, opts)
+    if summary.complete:
+        _finish(out_dir, summary, "retrieval")
+        _write_lines(out_dir / fmt.TASK_FILE, [fmt.SELECTION_TASK])
     return summary
 
 

@@ -17,7 +17,13 @@ from eval.options import EvalOptions
 
 PROG = "vlp-eval"
 REPORT = "report"
-TASK_CHOICES = ("auto", "zeroshot_classification", "zeroshot_retrieval", "geometry")
+TASK_CHOICES = (
+    "auto",
+    "zeroshot_classification",
+    "zeroshot_retrieval",
+    "geometry",
+    "image_caption_selection",
+)
 """Mirrors eval.tasks.TASKS; kept literal so `--help` answers without importing torch."""
 
 
@@ -69,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         choices=TASK_CHOICES,
         help="auto (default) reads each set's dataset_type.txt: classification sets get "
-        "zeroshot_classification, retrieval sets zeroshot_retrieval (with geometry)",
+        "zeroshot_classification, retrieval sets zeroshot_retrieval (with geometry), and "
+        "sets marked by a task.txt image_caption_selection (several such sets of one "
+        "directory also get their mean, named after the directory)",
     )
     parser.add_argument(
         "--output",
@@ -124,12 +132,16 @@ def run_eval(args: argparse.Namespace) -> int:
     datasets = [open_eval_set(Path(d)) for d in args.dataset]
     ref = resolve_checkpoint(Path(args.checkpoint), args.model)
 
+    from eval import selection
     from eval.models import load_model
     from eval.results import markdown_tables, output_paths, write_result
     from eval.tasks import task_for
 
     plan = [(dataset, task_for(args.task, dataset)) for dataset in datasets]
     planned = [(dataset.name, task.name) for dataset, task in plan]
+    chosen = [dataset.root for dataset, task in plan if task.name == selection.TASK]
+    overall = selection.overall_groups(chosen)
+    planned += [(selection.overall_name(parent), selection.TASK) for parent in overall]
     paths = (
         output_paths(args.output, planned, ref.model_name, str(ref.weights)) if args.output else []
     )
@@ -140,6 +152,7 @@ def run_eval(args: argparse.Namespace) -> int:
         result = task.run(model, dataset, options)
         result.details.update(seconds=round(time.perf_counter() - start, 3), step=model.step)
         results.append(result)
+    results += selection.overall_results(results)
     for path, result in zip(paths, results, strict=False):
         write_result(path, result, model.name, model.pretrained)
     step = f", step {model.step}" if model.step is not None else ""

@@ -4,6 +4,8 @@
     DIR/dataset_type.txt                          classification (default) | retrieval
     DIR/classnames.txt                            classification: one class per line, label order
     DIR/zeroshot_classification_templates.txt     classification: one template per line, with {c}
+    DIR/task.txt                                  image_caption_selection: a retrieval-typed set
+                                                  whose captions are the true one, then negatives
 
 Samples are `{key}.{webp|png|jpg|jpeg}` plus `{key}.cls` (the class index as text) or `{key}.txt`
 (captions, one per line; any of them is a positive); eval.samples streams them. This module
@@ -20,6 +22,8 @@ from eval.errors import UsageError
 from vlp.data import format as fmt
 
 KINDS = ("classification", "retrieval")
+SELECTION = fmt.SELECTION_TASK
+"""The kind of a retrieval-typed set that task.txt marks as an image-caption selection set."""
 
 
 @dataclass(frozen=True)
@@ -28,12 +32,18 @@ class EvalSet:
 
     root: Path
     kind: str
-    """"classification" or "retrieval" (dataset_type.txt)."""
+    """"classification" or "retrieval" (dataset_type.txt), or "image_caption_selection" (a
+    retrieval set marked so by task.txt)."""
     shards: tuple[Path, ...]
     classnames: tuple[str, ...] = ()
     templates: tuple[str, ...] = ()
     expected_samples: int | None = None
     """The sample count sizes.json records (vlp-shard writes one), to catch truncated shards."""
+
+    @property
+    def captioned(self) -> bool:
+        """Samples carry captions (`.txt`), not class labels (`.cls`)."""
+        return self.kind != "classification"
 
     @property
     def name(self) -> str:
@@ -49,7 +59,7 @@ def open_eval_set(root: Path, split: str = fmt.EVAL_SPLIT) -> EvalSet:
     kind = _dataset_type(root)
     expected = _expected_samples(root / split, shards)
     if kind == "retrieval":
-        return EvalSet(root, kind, shards, expected_samples=expected)
+        return EvalSet(root, _selection_or(kind, root), shards, expected_samples=expected)
     classnames = _lines(root / fmt.CLASSNAMES_FILE, "one class name per line, in label order")
     templates = _lines(root / fmt.TEMPLATES_FILE, "one prompt per line, e.g. 'a photo of a {c}.'")
     for template in templates:
@@ -99,6 +109,17 @@ def _dataset_type(root: Path) -> str:
     if kind not in KINDS:
         raise UsageError(f"{path}: dataset type {kind!r} is not supported; expected {KINDS}")
     return kind
+
+
+def _selection_or(kind: str, root: Path) -> str:
+    """SELECTION where task.txt names it, else `kind`."""
+    path = root / fmt.TASK_FILE
+    if not path.is_file():
+        return kind
+    task = path.read_text(encoding="utf-8").strip()
+    if task != SELECTION:
+        raise UsageError(f"{path}: task {task!r} is not supported; expected {SELECTION}")
+    return SELECTION
 
 
 def _lines(path: Path, what: str) -> list[str]:

@@ -25,7 +25,7 @@ from eval.tasks import AUTO, TASKS, evaluate
 from vlp import distributed
 from vlp.config import ConfigError, EvalConfig
 
-HEADLINE = ("acc1", "image_retrieval_recall@1", "text_retrieval_recall@1", "gap")
+HEADLINE = ("acc1", "image_retrieval_recall@1", "text_retrieval_recall@1", "gap", "acc")
 """The metrics an evaluation's one-line summary shows (those its task has)."""
 
 

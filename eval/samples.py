@@ -122,7 +122,7 @@ def _decode(
             pixels = preprocess(image.convert("RGB"))
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise UsageError(f"{where}: cannot decode the {image_key} image ({err})") from err
-    if dataset.kind == "retrieval":
+    if dataset.captioned:
         return position, key, pixels, _captions(sample, where)
     return position, key, pixels, _label(sample, where, len(dataset.classnames))
 

@@ -12,6 +12,8 @@ from eval.models import EvalModel
 from eval.options import EvalOptions
 from eval.results import EvalResult
 from eval.retrieval import evaluate_zeroshot_retrieval, run_zeroshot_retrieval
+from eval.selection import TASK as SELECTION
+from eval.selection import evaluate_image_caption_selection
 from eval.zero_shot import evaluate_zeroshot_classification
 
 GEOMETRY = "geometry"
@@ -45,11 +47,17 @@ TASKS: dict[str, Task] = {
         Task("zeroshot_classification", "classification", evaluate_zeroshot_classification),
         Task("zeroshot_retrieval", "retrieval", evaluate_zeroshot_retrieval),
         Task(GEOMETRY, "retrieval", evaluate_geometry),
+        Task(SELECTION, SELECTION, evaluate_image_caption_selection),
     )
 }
 AUTO = "auto"
-AUTO_TASKS = {"classification": "zeroshot_classification", "retrieval": "zeroshot_retrieval"}
-"""What `--task auto` runs per dataset_type.txt (retrieval includes the geometry metrics)."""
+AUTO_TASKS = {
+    "classification": "zeroshot_classification",
+    "retrieval": "zeroshot_retrieval",
+    SELECTION: SELECTION,
+}
+"""What `--task auto` runs per dataset kind (retrieval includes the geometry metrics; a
+selection set is a retrieval set marked by its task.txt)."""
 
 
 def task_for(name: str, dataset: EvalSet) -> Task:

@@ -282,7 +282,7 @@ class CheckpointConfig:
 
 EVAL_TYPES = (
     "auto", "zeroshot_classification", "zeroshot_retrieval", "geometry", "captioning",
-    "linear_probe",
+    "linear_probe", "image_caption_selection",
 )  # fmt: skip
 """eval.tasks' names (vlp does not import eval; a test keeps the two lists equal)."""
 CAPTION_METHODS = ("greedy", "beam")
@@ -352,7 +352,7 @@ class EvalConfig:
     type: str = "auto"
     """auto (from the set's dataset_type.txt) | zeroshot_classification | zeroshot_retrieval |
     geometry | captioning (CoCa; a retrieval set) | linear_probe (a classification set with a
-    train/ split)."""
+    train/ split) | image_caption_selection (a set whose task.txt says so; auto picks it)."""
     every_steps: int = 0
     """Evaluate every this many optimizer steps; 0 = only at the end."""
     at_end: bool = True

@@ -2,9 +2,11 @@
 
 Single items get varied class-name captions; mosaics place four items in a 2x2 grid with a
 short caption listing them and a long caption with one sentence per tile (for DreamLIP-style
-sub-caption objectives). The test split becomes a clip_benchmark zero-shot eval set, and with
-mosaics also two retrieval sets of test mosaics: one sentence per tile as queries, or the long
-caption.
+sub-caption objectives). Training samples carry hard-negative captions in their sidecar
+(NegCLIP, data.hard_negatives): the caption with another class (replace_item) and, for mosaics,
+with two different items swapped (swap_position: the listing's order is the reading order).
+The test split becomes a clip_benchmark zero-shot eval set, and with mosaics also two retrieval
+sets of test mosaics: one sentence per tile as queries, or the long caption.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from PIL import Image
 from data_tools.errors import UsageError
 from data_tools.sample import RawSample
 from data_tools.sources import Source
+from vlp.data import format as fmt
 
 DEFAULT_IDX_DIR = Path("/usr/share/datasets/fashion-mnist")
 CLASSNAMES = (
@@ -47,10 +50,46 @@ TILE_SENTENCES = (
     "The {p} shows {a} {c}.",
 )
 SPLIT_FILES = {"train": "train", "test": "t10k"}
+NEGATIVES_VERSION = 1
+"""Bump when the training negatives change (it is part of `describe()`)."""
 
 
 def article(noun: str) -> str:
     return "an" if noun[0] in "aeiou" else "a"
+
+
+def items_caption(names: list[str]) -> str:
+    """'a t-shirt, a bag, a coat and an ankle boot': a mosaic's items in reading order."""
+    items = [f"{article(n)} {n}" for n in names]
+    return ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def mosaic_canvas(images: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """[2S, 2S] uint8: the four images `rows` of `images` [N, S, S], in reading order."""
+    size = images.shape[1]
+    canvas = np.zeros((2 * size, 2 * size), dtype=np.uint8)
+    for tile, row in enumerate(rows):
+        top, left = divmod(tile, 2)
+        canvas[top * size : (top + 1) * size, left * size : (left + 1) * size] = images[row]
+    return canvas
+
+
+def item_negatives(names: list[str], rng: np.random.Generator) -> tuple[list[list[str]], list[str]]:
+    """(negative name lists, their kinds) of items `names`: two different items swapped (when
+    any differ), and one item replaced by a class that is not among them."""
+    negatives, kinds = [], []
+    pairs = [(i, j) for i in range(len(names)) for j in range(i + 1, len(names))]
+    pairs = [(i, j) for i, j in pairs if names[i] != names[j]]
+    if pairs:
+        i, j = pairs[rng.integers(len(pairs))]
+        swapped = list(names)
+        swapped[i], swapped[j] = names[j], names[i]
+        negatives.append(swapped)
+        kinds.append("swap_position")
+    replaced = list(names)
+    absent = [c for c in CLASSNAMES if c not in names]
+    replaced[rng.integers(len(names))] = absent[rng.integers(len(absent))]
+    return [*negatives, replaced], [*kinds, "replace_item"]
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -120,24 +159,22 @@ class FashionMnistSource(Source):
         rng = np.random.default_rng([self.seed, 0, index])
         template = TEMPLATES[rng.integers(len(TEMPLATES))]
         caption = template.format(a=article(name), c=name)
-        meta = {"label": label, "class": name, "index": index}
+        (replaced,), kinds = item_negatives([name], self._negatives_rng(index))  # one item
+        negative = template.format(a=article(replaced[0]), c=replaced[0])
+        meta = {"label": label, "class": name, "index": index, **_negatives([negative], kinds)}
         image = Image.fromarray(self.images[index])
         return RawSample(image=image, caption=caption, label=label, meta=meta)
+
+    def _negatives_rng(self, index: int) -> np.random.Generator:
+        """The negatives' own stream: the images and captions stay those of earlier versions."""
+        return np.random.default_rng([self.seed, 3, index])
 
     def _mosaic(self, index: int) -> RawSample:
         rng = np.random.default_rng([self.seed, 1, index])
         rows = self.order[4 * index : 4 * index + 4]
-        size = self.images.shape[1]
-        canvas = np.zeros((2 * size, 2 * size), dtype=np.uint8)
-        names = []
-        for tile, row in enumerate(rows):
-            top, left = divmod(tile, 2)
-            canvas[top * size : (top + 1) * size, left * size : (left + 1) * size] = self.images[
-                row
-            ]
-            names.append(CLASSNAMES[int(self.labels[row])])
-        items = [f"{article(n)} {n}" for n in names]
-        raw = ", ".join(items[:-1]) + " and " + items[-1]
+        canvas = mosaic_canvas(self.images, rows)
+        names = [CLASSNAMES[int(self.labels[row])] for row in rows]
+        raw = items_caption(names)
         sentences = [COUNT_SENTENCES[rng.integers(len(COUNT_SENTENCES))]]
         for name, position in zip(names, POSITIONS, strict=True):
             template = TILE_SENTENCES[rng.integers(len(TILE_SENTENCES))]
@@ -154,6 +191,8 @@ class FashionMnistSource(Source):
             "raw": raw,
             "long": [long],
         }
+        negatives, kinds = item_negatives(names, self._negatives_rng(index))
+        meta.update(_negatives([items_caption(n) for n in negatives], kinds))
         return RawSample(image=Image.fromarray(canvas), caption=raw, meta=meta)
 
     def locate(self, index: int) -> str:
@@ -168,4 +207,9 @@ class FashionMnistSource(Source):
             "num_samples": self.num_samples,
             "seed": self.seed,
             **({"captions": self.captions} if self.captions else {}),
+            **({} if self.captions else {"negatives": NEGATIVES_VERSION}),
         }
+
+
+def _negatives(captions: list[str], kinds: list[str]) -> dict[str, list[str]]:
+    return {fmt.NEGATIVES_FIELD: captions, fmt.NEGATIVE_KINDS_FIELD: kinds}

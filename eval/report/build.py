@@ -30,6 +30,7 @@ from eval.retrieval import (
     top_matches,
 )
 from eval.samples import read_images
+from eval.selection import overall_results, run_selection, selection_result
 from eval.zero_shot import classification_result, run_zeroshot_classification
 
 REPORT_FILE = "report.md"
@@ -107,6 +108,12 @@ def _evaluation_sections(
         )  # fmt: skip
         results.append(result)
         figures.append(section)
+    for result in overall_results(results):  # the mean of several selection sets of a directory
+        write_result(
+            output_dir / "results" / f"{result.dataset.removeprefix('wds/')}_{result.task}.json",
+            result, model.name, model.pretrained,
+        )  # fmt: skip
+        results.append(result)
     header = f"## Evaluation of {model.name} ({step}: `{model.pretrained}`)"
     return [header, markdown_tables(results).rstrip(), *figures]
 
@@ -172,8 +179,30 @@ def _retrieval_examples(
     ]
 
 
+def _selection_section(
+    model: EvalModel, dataset: EvalSet, output_dir: Path, options: EvalOptions, num_examples: int
+) -> tuple[EvalResult, str]:
+    """The first `num_examples` items: each caption with its score, the true one first."""
+    outputs = run_selection(model, dataset, options)
+    lines = [
+        f"### {dataset.name}: image-caption selection examples",
+        "",
+        "| image | true caption (score) | negatives (score) | hit |",
+        "|---|---|---|---|",
+    ]
+    for key, captions, scores, hit in list(
+        zip(outputs.keys, outputs.captions, outputs.scores, outputs.hits.tolist(), strict=True)
+    )[:num_examples]:
+        cells = [f"{c} ({s:.3f})" for c, s in zip(captions, scores, strict=True)]
+        lines.append(
+            f"| {key} | {cells[0]} | {'<br>'.join(cells[1:])} | {'yes' if hit else 'no'} |"
+        )
+    return selection_result(dataset, outputs), "\n".join(lines)
+
+
 _SECTIONS: dict[str, Callable[..., tuple[EvalResult, str]]] = {
     "classification": _classification_section,
     "retrieval": _retrieval_section,
+    "image_caption_selection": _selection_section,
 }
 """Report section per dataset kind (dataset_type.txt)."""

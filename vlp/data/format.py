@@ -34,6 +34,14 @@ NSHARDS_FILE = "nshards.txt"
 CLASSNAMES_FILE = "classnames.txt"
 TEMPLATES_FILE = "zeroshot_classification_templates.txt"
 DATASET_TYPE_FILE = "dataset_type.txt"
+TASK_FILE = "task.txt"
+"""vlp's note of the task a set is for where dataset_type.txt cannot say it: SELECTION_TASK for
+a retrieval-typed set whose `.txt` lists the true caption first, then its hard negatives
+(clip_benchmark reads such a set with `--task image_caption_selection`)."""
+SELECTION_TASK = "image_caption_selection"
+BINDING_DIR = "binding"
+"""`vlp-shard demo OUT` (and `fashion-mnist --mosaic`) write selection sets in
+OUT/eval/binding/<kind>/."""
 CLASS_PLACEHOLDER = "{c}"
 
 
