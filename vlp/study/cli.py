@@ -104,7 +104,7 @@ def run_study(study: Study, jobs: int, started: float) -> int:
         return 2 if code == 2 else 1
     check_eval_sets(study)
     study.output_dir.mkdir(parents=True, exist_ok=True)
-    (study.output_dir / PLAN_FILE).write_text(json.dumps(study.record, indent=1) + "\n")
+    results.write_json(study.output_dir / PLAN_FILE, study.record)
     threads = max(1, runner.cpu_cores() // jobs)
     pending = runner.plan_jobs(study, threads)
     done = len(study.runs) - len(pending)

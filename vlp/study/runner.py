@@ -29,6 +29,9 @@ from vlp.study.spec import Run, Study, placeholders
 LOG_FILE = "study.log"
 ATTEMPTS_FILE = "study-attempts.jsonl"
 SCORES_DIR = "scores"
+TMP_SUFFIX = ".tmp.json"
+"""A score command writes `.NAME.tmp.json` (a .json name, as vlp-eval --output wants); it is
+renamed to NAME.json only when the command succeeded."""
 POLL_SECONDS = 0.2
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
@@ -73,7 +76,7 @@ def plan_jobs(study: Study, threads: int) -> list[Job]:
             commands.append(("train", [*train, *run.overrides, f"train.threads={threads}"], None))
         for name, command in study.scores.items():
             if not score_path(run, name).is_file():
-                tmp = score_path(run, name).with_name(f".{name}.json.tmp")
+                tmp = score_path(run, name).with_name(f".{name}{TMP_SUFFIX}")
                 values = {"python": sys.executable, "run_dir": str(run.run_dir),
                           "seed": str(run.seed), "output": str(tmp)}  # fmt: skip
                 commands.append((f"score {name}", placeholders(command, values), tmp))
@@ -155,7 +158,8 @@ def _finish_command(job: Job, say: Callable[[str], None]) -> bool:
         say(f"{job.run.name}: {job.failure}")
         return False
     if output is not None:
-        os.replace(output, output.with_name(output.name.removeprefix(".").removesuffix(".tmp")))
+        final = output.name.removeprefix(".").removesuffix(TMP_SUFFIX) + ".json"
+        os.replace(output, output.with_name(final))
     say(f"{job.run.name}: {what} done in {seconds:.0f} s")
     return True
 
