@@ -142,6 +142,16 @@ class ContrastiveConfig:
 
 
 @dataclass
+class SiglipConfig:
+    weight: float = 0.0
+    """SigLIP's pairwise sigmoid loss over the global batch (1.0 in SigLIP); needs a model
+    config with a logit bias (init_logit_bias, e.g. vlp-tiny-siglip)."""
+    max_logit_scale: float = 100.0
+    """The temperature's scale exp(logit_scale), shared with `contrastive`, is clamped to
+    [1, this]."""
+
+
+@dataclass
 class CaptionConfig:
     weight: float = 0.0
     """CoCa captioning loss; needs a model with a text decoder (open_clip's default is 2.0)."""
@@ -221,6 +231,7 @@ class PrototypeExternalConfig:
 @dataclass
 class ObjectivesConfig:
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    siglip: SiglipConfig = field(default_factory=SiglipConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
     alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
     uniformity: UniformityConfig = field(default_factory=UniformityConfig)
@@ -402,6 +413,11 @@ def _validate(cfg: Config) -> None:
         (
             cfg.objectives.contrastive.max_logit_scale >= 1,
             "objectives.contrastive.max_logit_scale",
+            "at least 1",
+        ),
+        (
+            cfg.objectives.siglip.max_logit_scale >= 1,
+            "objectives.siglip.max_logit_scale",
             "at least 1",
         ),
         (

@@ -99,6 +99,42 @@ def gather_with_grad(x: Tensor) -> Tensor:
         return torch.cat(dist_fn.all_gather(x), dim=0)
 
 
+def ring_pass(x: Tensor) -> Tensor:
+    """The `x` of rank r-1 (mod W), received on rank r; gradients travel back along the ring.
+
+    One exchange: every rank sends to r+1 and receives from r-1 (send/recv, no all_gather),
+    so W-1 calls hand every rank every other rank's block while each holds one at a time.
+    All ranks must call it together with the same shape. Returns `x` when not distributed.
+    """
+    if not is_distributed():
+        return x
+    return _RingPass.apply(x)
+
+
+class _RingPass(torch.autograd.Function):
+    """y_r = x_{r-1}; so dL/dx_r = dL/dy_{r+1}: the backward passes the other way round."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return _exchange(x, to=(rank() + 1) % world_size(), source=(rank() - 1) % world_size())
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return _exchange(grad, to=(rank() - 1) % world_size(), source=(rank() + 1) % world_size())
+
+
+def _exchange(x: Tensor, to: int, source: int) -> Tensor:
+    """Send `x` to rank `to` while receiving a tensor of its shape from rank `source`."""
+    received = torch.empty_like(x)
+    operations = [
+        dist.P2POp(dist.isend, x.contiguous(), to),
+        dist.P2POp(dist.irecv, received, source),
+    ]
+    for request in dist.batch_isend_irecv(operations):
+        request.wait()
+    return received
+
+
 def gather(x: Tensor) -> Tensor:
     """Concatenate `x` from all ranks along dim 0, without gradient (masks, counts)."""
     if not is_distributed():

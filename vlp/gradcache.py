@@ -28,7 +28,9 @@ from torch import Tensor
 from vlp.model import ModelOutput
 
 CACHED = ("image_emb", "text_emb", "text_emb_all")
-"""ModelOutput fields the coupled terms may read (besides logit_scale), cached per row."""
+"""ModelOutput fields the coupled terms may read, cached per row."""
+SHARED = ("logit_scale", "logit_bias")
+"""ModelOutput scalars of the whole batch the coupled terms may read (None: the model has none)."""
 
 
 @dataclass
@@ -70,7 +72,9 @@ def grad_cache_step(
         value = term(merged, merged_batch)
         logs[f"loss/{name}"] = value.detach()
         total = total + objective.weights[name] * value
-    cached = dict(zip(leaves, torch.autograd.grad(total, list(leaves.values())), strict=True))
+    grads = torch.autograd.grad(total, list(leaves.values()), allow_unused=True)
+    # a field no coupled term reads (the logit bias of a model trained without SigLIP) has none
+    cached = {f: g for f, g in zip(leaves, grads, strict=True) if g is not None}
     others = {n: t for n, t in objective.terms.items() if n not in coupled}
     rows = [len(out.image_emb) for out in outputs]
     for index, batch in enumerate(batches):
@@ -108,12 +112,15 @@ def _merged_leaves(outputs: list[ModelOutput]) -> tuple[ModelOutput, dict[str, T
         parts = [getattr(out, field) for out in outputs]
         if parts[0] is not None:
             leaves[field] = torch.cat(parts).detach().requires_grad_()
-    leaves["logit_scale"] = outputs[0].logit_scale.detach().requires_grad_()
+    for field in SHARED:
+        if getattr(outputs[0], field) is not None:
+            leaves[field] = getattr(outputs[0], field).detach().requires_grad_()
     merged = ModelOutput(
         image_emb=leaves["image_emb"],
         text_emb=leaves["text_emb"],
         logit_scale=leaves["logit_scale"],
         text_emb_all=leaves.get("text_emb_all"),
+        logit_bias=leaves.get("logit_bias"),
     )
     return merged, leaves
 
@@ -124,11 +131,11 @@ def _surrogate(out: ModelOutput, cached: dict[str, Tensor], index: int, rows: li
     start = sum(rows[:index])
     total = torch.zeros((), device=out.image_emb.device)
     for field, grad in cached.items():
-        if field == "logit_scale":
+        if field in SHARED:
             # one parameter shared by all micro-batches: counted once, in the last one, whose
             # backward DDP synchronises and where it must see every parameter used
             if index == len(rows) - 1:
-                total = total + out.logit_scale * grad
+                total = total + (getattr(out, field) * grad).sum()
             continue
         value = getattr(out, field)
         total = total + (value * grad[start : start + len(value)].to(value.dtype)).sum()

@@ -69,6 +69,8 @@ class ModelOutput:
     """[B, P] the same for text slot 0."""
     logit_scale_proto: Tensor | None = None
     """() exp(logit_scale_proto): the prototype losses' temperature's inverse (with heads)."""
+    logit_bias: Tensor | None = None
+    """() the open_clip model's learnable logit bias (SigLIP), where its config has one."""
 
 
 class VLPModel(nn.Module):
@@ -122,6 +124,7 @@ class VLPModel(nn.Module):
             text_emb_all=text_all if slots > 1 else None,
             patch_emb=patches,
             logit_scale_local=self.logit_scale_local.exp() if self.patch_emb else None,
+            logit_bias=getattr(self.clip, "logit_bias", None),
         )
         if self.has_heads:
             out.image_proto, out.text_proto = self._heads(image_latent, text_latent[:, 0])

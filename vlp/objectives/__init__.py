@@ -73,4 +73,5 @@ from vlp.objectives import (  # noqa: E402,F401  (registers the terms)
     dreamlip,
     geometry,
     prototype,
+    siglip,
 )
