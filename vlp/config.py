@@ -300,7 +300,7 @@ CAPTION_METHODS = ("greedy", "beam")
 
 
 @dataclass
-class CaptionConfig:
+class GenerationConfig:
     """How a CoCa writes captions (vlp.generate): `vlp-eval --task captioning` and evaluators."""
 
     method: str = "greedy"
@@ -317,8 +317,8 @@ class CaptionConfig:
     """Beam search ranks finished captions by log-probability / (tokens + 1) ** this."""
 
 
-def caption_checks(caption: CaptionConfig) -> list[tuple[bool, str, str]]:
-    """(ok, field, what it must be) for each rule a CaptionConfig must follow."""
+def caption_checks(caption: GenerationConfig) -> list[tuple[bool, str, str]]:
+    """(ok, field, what it must be) for each rule a GenerationConfig must follow."""
     return [
         (caption.method in CAPTION_METHODS, "method", " or ".join(CAPTION_METHODS)),
         (caption.num_beams >= 1, "num_beams", "at least 1"),
@@ -372,7 +372,7 @@ class EvalConfig:
     """Images per forward pass."""
     workers: int = 0
     """DataLoader processes decoding the eval images (0 = in the training process)."""
-    caption: CaptionConfig = field(default_factory=CaptionConfig)
+    caption: GenerationConfig = field(default_factory=GenerationConfig)
     """captioning: how captions are generated."""
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     """linear_probe: validation share, epochs, learning rate, batch."""
