@@ -35,7 +35,7 @@ CAPTIONS = [
 """Per image: the caption, then up to two hard negatives ("" = an empty, masked slot)."""
 CASES = {
     "siglip": (
-        "vlp-tiny-siglip",
+        "vlp-tiny-clip-sigmoid",
         ["objectives.contrastive.weight=0", "objectives.siglip.weight=1"],
     ),
     "dcl_negatives": (

@@ -145,7 +145,7 @@ class ContrastiveConfig:
 class SiglipConfig:
     weight: float = 0.0
     """SigLIP's pairwise sigmoid loss over the global batch (1.0 in SigLIP); needs a model
-    config with a logit bias (init_logit_bias, e.g. vlp-tiny-siglip)."""
+    config with a logit bias (init_logit_bias, e.g. vlp-tiny-clip-sigmoid)."""
     max_logit_scale: float = 100.0
     """The temperature's scale exp(logit_scale), shared with `contrastive`, is clamped to
     [1, this]."""

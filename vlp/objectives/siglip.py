@@ -14,9 +14,10 @@ images' sum over N/W (its local batch): the mean over ranks is L, and DDP's grad
 the gradients of one process on the concatenated batch.
 
 t' and b are the open_clip model's own `logit_scale` and `logit_bias`, so a model config with
-`init_logit_bias` (configs/models/vlp-tiny-siglip.json: t' = ln 10, b = -10, the paper's init)
-is needed; exported weights are an open_clip SigLIP-style model. With `contrastive` also on,
-both terms share that temperature.
+`init_logit_bias` is needed (configs/models/vlp-*-clip-sigmoid.json: t' = ln 10, b = -10, the
+paper's init); exported weights are an open_clip SigLIP-style model. Such a config's name must
+not contain "siglip": open_clip then picks its SigLIP tokenizer, which downloads a vocabulary.
+With `contrastive` also on, both terms share that temperature.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ class SiglipObjective:
         if getattr(model.clip, "logit_bias", None) is None:
             raise ConfigError(
                 "objectives.siglip needs a model with a learnable logit bias: use a model config "
-                'with "init_logit_bias" (e.g. model.name=vlp-tiny-siglip, configs/models/)'
+                'with "init_logit_bias" (e.g. vlp-tiny-clip-sigmoid in configs/models/)'
             )
 
     @torch.no_grad()
