@@ -117,3 +117,14 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path, cas
         assert calls["total_exchanges"] == 2
         # 2 blocks of 4 x 4 in the forward, recomputed once each in the backward: never 8 wide
         assert sorted(set(calls["blocks"])) == [(4, 4)] and len(calls["blocks"]) == 4
+
+
+def test_the_demo_config_trains_siglip_alone_on_a_model_with_a_bias():
+    from pathlib import Path
+
+    import open_clip
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "siglip_demo.yaml")
+    assert list(WeightedObjective(cfg.objectives).terms) == ["siglip"]
+    register_model_configs()
+    assert open_clip.get_model_config(cfg.model.name)["init_logit_bias"] == -10
