@@ -15,6 +15,7 @@ from data_tools.evalsets import (
     write_classification_set,
     write_retrieval_set,
     write_selection_set,
+    write_train_split,
 )
 from data_tools.images import ImageOptions
 from data_tools.sources import Source
@@ -214,6 +215,10 @@ def run_fashion_mnist(args: argparse.Namespace) -> int:
         test, eval_dir, fm.CLASSNAMES, templates, image, write_options(args)
     )
     report(summary, "eval/fashion-mnist")
+    # the linear probe's train split: single items of the train split (--num-samples of them)
+    probe_train = fm.FashionMnistSource(args.idx_dir, "train", num_samples=args.num_samples)
+    name = f"eval/fashion-mnist/{fmt.EVAL_TRAIN_SPLIT}"
+    report(write_train_split(probe_train, eval_dir, image, write_options(args)), name)
     if args.mosaic:
         for view in ("sentences", "long"):
             mosaics = fm.FashionMnistSource(
@@ -254,6 +259,9 @@ def run_demo(args: argparse.Namespace) -> int:
         shapes, args.out / "eval" / "shapes", demo.SHAPES, demo.SHAPE_TEMPLATES, image, opts
     )
     report(summary, "eval/shapes")
+    probe_train = demo.ShapesTrainSource(args.eval_samples, image.size, args.seed)
+    name = f"eval/shapes/{fmt.EVAL_TRAIN_SPLIT}"
+    report(write_train_split(probe_train, args.out / "eval" / "shapes", image, opts), name)
     for view, name in (
         ("all", "retrieval"),
         ("sentences", "retrieval-sentences"),

@@ -1,6 +1,7 @@
 """Eval sets in clip_benchmark's local webdataset layout.
 
     DIR/test/0.tar ... DIR/test/{n-1}.tar, DIR/test/nshards.txt
+    DIR/train/...                      (optional, classification: the linear probe's train split)
     DIR/classnames.txt, DIR/zeroshot_classification_templates.txt   (classification)
     DIR/dataset_type.txt                                             ("classification"|"retrieval")
     DIR/task.txt                       ("image_caption_selection": a retrieval-typed set whose
@@ -74,6 +75,17 @@ def write_selection_set(
     if summary.complete:
         _finish(out_dir, summary, "retrieval")
         _write_lines(out_dir / fmt.TASK_FILE, [fmt.SELECTION_TASK])
+    return summary
+
+
+def write_train_split(
+    source: Source, out_dir: Path, image: ImageOptions, opts: WriteOptions
+) -> Summary:
+    """A classification set's train/ split (the linear probe's), in the layout of its test/."""
+    split = out_dir / fmt.EVAL_TRAIN_SPLIT
+    summary = write_dataset(source, split, layouts.CLASSIFICATION, image, opts)
+    if summary.complete:
+        _write_lines(split / fmt.NSHARDS_FILE, [str(summary.num_shards)])
     return summary
 
 

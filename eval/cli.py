@@ -14,6 +14,13 @@ from pathlib import Path
 
 from eval.errors import UsageError
 from eval.options import EvalOptions
+from vlp.config import (
+    CAPTION_METHODS,
+    GenerationConfig,
+    ProbeConfig,
+    caption_checks,
+    probe_checks,
+)
 
 PROG = "vlp-eval"
 REPORT = "report"
@@ -22,6 +29,8 @@ TASK_CHOICES = (
     "zeroshot_classification",
     "zeroshot_retrieval",
     "geometry",
+    "captioning",
+    "linear_probe",
     "image_caption_selection",
 )
 """Mirrors eval.tasks.TASKS; kept literal so `--help` answers without importing torch."""
@@ -77,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto (default) reads each set's dataset_type.txt: classification sets get "
         "zeroshot_classification, retrieval sets zeroshot_retrieval (with geometry), and "
         "sets marked by a task.txt image_caption_selection (several such sets of one "
-        "directory also get their mean, named after the directory)",
+        "directory also get their mean, named after the directory); captioning (a CoCa on a "
+        "retrieval set) and linear_probe (a classification set with a train/ split) are asked "
+        "for by name",
     )
     parser.add_argument(
         "--output",
@@ -121,6 +132,66 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="gallery size from which auto uses faiss-ivf (default 1000000)",
     )
+    _add_caption_options(parser)
+    _add_probe_options(parser)
+
+
+_FLAGS = {
+    "caption": {
+        "method": "--caption-method",
+        "num_beams": "--num-beams",
+        "max_tokens": "--max-caption-tokens",
+        "min_tokens": "--min-caption-tokens",
+        "no_repeat_ngram": "--no-repeat-ngram",
+        "length_penalty": "--length-penalty",
+    },
+    "probe": {
+        "val_proportion": "--probe-val-proportion",
+        "epochs": "--probe-epochs",
+        "lr": "--probe-lr",
+        "batch_size": "--probe-batch-size",
+    },
+}
+"""The command-line flag of each GenerationConfig and ProbeConfig field."""
+
+
+def _add_caption_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("captioning (CoCa models)")
+    caption, flags = GenerationConfig(), _FLAGS["caption"]
+    group.add_argument(
+        flags["method"],
+        dest="caption_method",
+        default=caption.method,
+        choices=CAPTION_METHODS,
+        help=f"decoding (default {caption.method})",
+    )
+    for key, metavar, kind, what in (
+        ("num_beams", "K", int, "beams per image with beam search"),
+        ("max_tokens", "N", int, "most tokens per caption"),
+        ("min_tokens", "N", int, "fewest tokens before a caption may end"),
+        ("no_repeat_ngram", "N", int, "never repeat an N-gram within a caption; 0: off"),
+        ("length_penalty", "X", float, "beam search ranks captions by log-prob / length**X"),
+    ):
+        default = getattr(caption, key)
+        group.add_argument(flags[key], dest=f"caption_{key}", type=kind, default=default,
+                           metavar=metavar, help=f"{what} (default {default})")  # fmt: skip
+    group.add_argument(
+        "--meteor", action="store_true", help="also score METEOR (Java; about 30 s to start)"
+    )
+
+
+def _add_probe_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("linear probe (clip_benchmark's protocol)")
+    probe, flags = ProbeConfig(), _FLAGS["probe"]
+    for key, metavar, kind, what in (
+        ("val_proportion", "P", float, "share of train/ held out to choose the weight decay"),
+        ("epochs", "N", int, "epochs of each fit"),
+        ("lr", "LR", float, "AdamW learning rate"),
+        ("batch_size", "N", int, "batch of each fit"),
+    ):
+        default = getattr(probe, key)
+        group.add_argument(flags[key], dest=f"probe_{key}", type=kind, default=default,
+                           metavar=metavar, help=f"{what} (default {default})")  # fmt: skip
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -168,6 +239,16 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def _options(args: argparse.Namespace) -> EvalOptions:
+    caption = GenerationConfig(**{k: getattr(args, "caption_" + k) for k in _FLAGS["caption"]})
+    probe = ProbeConfig(**{k: getattr(args, "probe_" + k) for k in _FLAGS["probe"]})
+    for section, config, checks in (
+        ("caption", caption, caption_checks(caption)),
+        ("probe", probe, probe_checks(probe)),
+    ):
+        for ok, key, expected in checks:
+            if not ok:
+                flag = _FLAGS[section][key]
+                raise UsageError(f"{flag} {getattr(config, key)}: must be {expected}")
     try:
         return EvalOptions(
             batch_size=args.batch_size,
@@ -176,6 +257,9 @@ def _options(args: argparse.Namespace) -> EvalOptions:
             retrieval_method=args.retrieval_method,
             faiss_threshold=args.faiss_threshold,
             seed=args.seed,
+            caption=caption,
+            meteor=args.meteor,
+            probe=probe,
         )
     except ValueError as err:
         raise UsageError(str(err)) from err

@@ -19,14 +19,21 @@ import torch
 
 from eval.datasets import EvalSet, open_eval_set
 from eval.errors import UsageError
+from eval.linear_probe import TASK as LINEAR_PROBE
+from eval.linear_probe import train_split
 from eval.models import EvalModel
 from eval.options import EvalOptions
 from eval.tasks import AUTO, TASKS, evaluate
 from vlp import distributed
 from vlp.config import ConfigError, EvalConfig
 
-HEADLINE = ("acc1", "image_retrieval_recall@1", "text_retrieval_recall@1", "gap", "acc")
+HEADLINE = (
+    "acc1", "image_retrieval_recall@1", "text_retrieval_recall@1", "gap", "acc", "Bleu_4",
+    "CIDEr", "lp_acc1",
+)  # fmt: skip
 """The metrics an evaluation's one-line summary shows (those its task has)."""
+CAPTION_EXAMPLES = 2
+"""Generated captions a captioning evaluation prints under its summary."""
 
 
 class TrainingEvaluators:
@@ -80,12 +87,17 @@ class TrainingEvaluators:
 
     def _evaluate(self, name: str, step: int, model: EvalModel) -> dict[str, float]:
         cfg = self.schedule[name]
-        options = EvalOptions(batch_size=cfg.batch_size, workers=cfg.workers)
+        options = EvalOptions(
+            batch_size=cfg.batch_size, workers=cfg.workers, caption=cfg.caption, probe=cfg.probe
+        )
         started = time.perf_counter()
         result = evaluate(model, self.datasets[name], cfg.type, options)
         seconds = time.perf_counter() - started
         shown = [f"{k} {v:.4f}" for k, v in result.metrics.items() if k in HEADLINE]
         self.message(f"eval {name} at step {step}: {', '.join(shown)} ({seconds:.1f} s)")
+        for example in result.details.get("examples", [])[:CAPTION_EXAMPLES]:
+            references = " | ".join(example["references"])
+            self.message(f"  {example['key']}: “{example['caption']}” (references: {references})")
         return {f"eval/{name}/{metric}": value for metric, value in result.metrics.items()}
 
 
@@ -102,14 +114,18 @@ def open_evaluators(
     if distributed.rank() == 0:
         for name, cfg in configs.items():
             try:
-                datasets[name] = open_eval_set(Path(cfg.dataset))
+                dataset = open_eval_set(Path(cfg.dataset))
+                mismatch = _type_mismatch(name, cfg, dataset)
+                if mismatch is None and cfg.type == LINEAR_PROBE:
+                    train_split(dataset)  # a missing train/ split counts as a missing set
             except UsageError as err:
                 message(
                     f"warning: eval.{name} switched off: {err} (write the set with `vlp-shard "
                     f"eval-set` or `vlp-shard demo`, or fix eval.{name}.dataset)"
                 )
                 continue
-            problem = problem or _type_mismatch(name, cfg, datasets[name])
+            datasets[name] = dataset
+            problem = problem or mismatch
     kept, problem = distributed.broadcast_object((list(datasets), problem))
     if problem is not None:
         raise ConfigError(problem)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from vlp.config import GenerationConfig, ProbeConfig, caption_checks, probe_checks
 
 RECALL_KS = (1, 5, 10)
 
@@ -19,7 +21,13 @@ class EvalOptions:
     faiss_threshold: int = 1_000_000
     """auto: galleries at least this large go to faiss's IVF index instead of exact scores."""
     seed: int = 0
-    """Seeds the linear-separability split and classifier."""
+    """Seeds the linear-separability split and classifier, and the linear probe."""
+    caption: GenerationConfig = field(default_factory=GenerationConfig)
+    """captioning: how captions are generated (vlp.generate)."""
+    meteor: bool = False
+    """captioning: also score METEOR (its Java scorer takes about half a minute to start)."""
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    """linear_probe: clip_benchmark's protocol settings."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -28,3 +36,11 @@ class EvalOptions:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
         if not self.recall_ks or min(self.recall_ks) < 1:
             raise ValueError(f"recall_ks must be positive, got {self.recall_ks}")
+        for section, checks in (
+            ("caption", caption_checks(self.caption)),
+            ("probe", probe_checks(self.probe)),
+        ):
+            for ok, key, expected in checks:
+                if not ok:
+                    value = getattr(getattr(self, section), key)
+                    raise ValueError(f"{section}.{key} must be {expected}, got {value}")

@@ -5,9 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from eval.captioning import TASK as CAPTIONING
+from eval.captioning import evaluate_captioning
 from eval.datasets import EvalSet
 from eval.errors import UsageError
 from eval.geometry import geometry_metrics
+from eval.linear_probe import TASK as LINEAR_PROBE
+from eval.linear_probe import evaluate_linear_probe
 from eval.models import EvalModel
 from eval.options import EvalOptions
 from eval.results import EvalResult
@@ -47,6 +51,8 @@ TASKS: dict[str, Task] = {
         Task("zeroshot_classification", "classification", evaluate_zeroshot_classification),
         Task("zeroshot_retrieval", "retrieval", evaluate_zeroshot_retrieval),
         Task(GEOMETRY, "retrieval", evaluate_geometry),
+        Task(CAPTIONING, "retrieval", evaluate_captioning),
+        Task(LINEAR_PROBE, "classification", evaluate_linear_probe),
         Task(SELECTION, SELECTION, evaluate_image_caption_selection),
     )
 }

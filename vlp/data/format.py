@@ -28,6 +28,8 @@ STATS_SUFFIX = "_stats.json"
 MANIFEST_FILE = "manifest.json"
 
 EVAL_SPLIT = "test"
+EVAL_TRAIN_SPLIT = "train"
+"""A classification set's training split (for the linear probe), beside test/ in its layout."""
 EVAL_SHARD_NAME = "{index}.tar"
 """clip_benchmark expects unpadded shard names `0.tar ... {n-1}.tar` and `nshards.txt`."""
 NSHARDS_FILE = "nshards.txt"

@@ -1,0 +1,357 @@
+"""CoCa captioning: vlp.generate against naive decoding loops over open_clip's own forward, and
+`vlp-eval --task captioning` against clip_benchmark's scoring path (pycocoevalcap).
+
+A freshly initialised CoCa almost never emits the end token, so the decoding tests give the end
+token's vocabulary projection a copy of the most frequently generated token's, scaled: captions
+then end after different numbers of tokens, as a trained model's do.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from evalkit import demo_eval_sets
+
+from eval.captioning import caption_scores
+from eval.cli import main
+from vlp.config import GenerationConfig
+from vlp.generate import SpecialTokens, _Steps, generate
+from vlp.model import new_clip, register_model_configs
+
+needs_java = pytest.mark.skipif(
+    shutil.which("java") is None, reason="pycocoevalcap's PTB tokenizer needs Java"
+)
+MODEL = "vlp-tiny-coca"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models decode faster on one thread, most of all on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    register_model_configs()
+    return open_clip.get_tokenizer(MODEL)
+
+
+@pytest.fixture(scope="module")
+def special(tokenizer):
+    return SpecialTokens(tokenizer.sot_token_id, tokenizer.eot_token_id)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def coca(special, images):
+    """A seeded tiny CoCa whose captions end after 0 to 8 tokens (see the module docstring).
+
+    The end token copies a token that greedy decoding picks after the first position, scaled:
+    the first (token, scale), most frequent token first, under which captions end after at
+    least three different numbers of tokens, one of them the cap.
+    """
+    torch.manual_seed(0)
+    model = new_clip(MODEL).eval()
+    config = GenerationConfig(max_tokens=8)
+    captions = generate(model, images, special, config)
+    later = torch.tensor([t for caption in captions for t in caption[1:]])
+    projection = model.text_decoder.text_projection
+    original = projection[:, special.end].clone()
+    values, counts = later.unique(return_counts=True)
+    for token in values[counts.argsort(descending=True, stable=True)][:5].tolist():
+        for scale in (1.05, 1.1, 1.2):
+            with torch.no_grad():
+                projection[:, special.end] = scale * projection[:, token]
+            lengths = {len(c) for c in generate(model, images, special, config)}
+            if len(lengths) > 2 and config.max_tokens in lengths:
+                return model
+    with torch.no_grad():
+        projection[:, special.end] = original
+    pytest.fail("no end-token recipe gives captions of varied length; adjust the fixture")
+
+
+def _next_logits(model, encoded, sequence: list[int]) -> torch.Tensor:
+    """open_clip's own CoCa forward on the whole sequence: logits of the token after it.
+
+    `encoded`: model._encode_image of the image (as open_clip's generate passes it)."""
+    out = model(None, torch.tensor([sequence]), *encoded, output_labels=False)
+    return out["logits"][0, -1].clone()
+
+
+def _apply_rules(logits, sequence, special, config) -> torch.Tensor:
+    if len(sequence) - 1 < config.min_tokens:
+        logits[special.end] = -math.inf
+    n = config.no_repeat_ngram
+    for start in range(len(sequence) - n + 1 if n else 0):
+        if sequence[start : start + n - 1] == sequence[len(sequence) - n + 1 :]:
+            logits[sequence[start + n - 1]] = -math.inf
+    return logits
+
+
+def naive_greedy(model, image, special, config) -> list[int]:
+    sequence = [special.start]
+    with torch.no_grad():
+        encoded = model._encode_image(image[None])
+        while len(sequence) - 1 < config.max_tokens:
+            logits = _apply_rules(_next_logits(model, encoded, sequence), sequence, special, config)
+            token = int(logits.argmax())
+            if token == special.end:
+                break
+            sequence.append(token)
+    return sequence[1:]
+
+
+def naive_beam(model, image, special, config) -> list[int]:
+    """Beam search on one image, one beam at a time, as vlp.generate documents it."""
+    width, beams, finished = config.num_beams, [(0.0, [special.start])], []
+    with torch.no_grad():
+        encoded = model._encode_image(image[None])
+    for step in range(config.max_tokens + 1):
+        candidates = []
+        for score, sequence in beams:
+            with torch.no_grad():
+                logits = _next_logits(model, encoded, sequence)
+            logits = F.log_softmax(_apply_rules(logits, sequence, special, config), dim=0)
+            if step == config.max_tokens:
+                logits[torch.arange(len(logits)) != special.end] = -math.inf
+            top = logits.topk(2 * width)
+            candidates += [(score + float(v), sequence, int(t)) for v, t in zip(*top, strict=True)]
+        candidates = sorted(candidates, key=lambda c: -c[0])[: 2 * width]
+        length, beams = (step + 1) ** config.length_penalty, []
+        for rank, (score, sequence, token) in enumerate(candidates):
+            if token == special.end and rank < width and math.isfinite(score):
+                finished.append((score / length, sequence[1:]))
+            elif token != special.end and len(beams) < width:
+                beams.append((score, [*sequence, token]))
+        finished = sorted(finished, key=lambda f: -f[0])[:width]
+        full = len(finished) == width and finished[-1][0] >= beams[0][0] / length
+        if step == config.max_tokens or full:
+            return finished[0][1]
+
+
+RULES = [
+    GenerationConfig(max_tokens=8),
+    GenerationConfig(max_tokens=8, min_tokens=3, no_repeat_ngram=2),
+]
+
+
+@pytest.mark.parametrize("config", RULES, ids=["plain", "min_tokens+no_repeat"])
+def test_greedy_equals_a_naive_loop_over_open_clip_forward(coca, images, special, config):
+    ours = generate(coca, images, special, config)
+    assert ours == [naive_greedy(coca, image, special, config) for image in images]
+    if config == RULES[0]:
+        lengths = {len(caption) for caption in ours}
+        assert len(lengths) > 2 and max(lengths) == 8  # ends at several steps, and at the cap
+    else:  # the rules change captions
+        assert ours != generate(coca, images, special, RULES[0])
+
+
+@pytest.mark.parametrize("config", RULES, ids=["plain", "min_tokens+no_repeat"])
+def test_beam_search_of_one_beam_equals_greedy(coca, images, special, config):
+    beam = GenerationConfig(**{**vars(config), "method": "beam", "num_beams": 1})
+    assert generate(coca, images, special, beam) == generate(coca, images, special, config)
+
+
+@pytest.mark.parametrize("length_penalty", [1.0, 0.0])
+def test_beam_search_equals_a_naive_beam_search(coca, images, special, length_penalty):
+    config = GenerationConfig(
+        method="beam", num_beams=3, max_tokens=5, length_penalty=length_penalty
+    )
+    ours = generate(coca, images, special, config)
+    assert ours == [naive_beam(coca, image, special, config) for image in images]
+    greedy = generate(coca, images, special, GenerationConfig(max_tokens=5))
+    assert ours != greedy  # the beams find other captions than greedy for some images
+
+
+def test_cached_cross_attention_equals_open_clip_forward(coca, images):
+    """Several prefixes per image (beams) through the cached path: open_clip's logits."""
+    prefixes = torch.randint(1, 49000, (len(images) * 3, 5), generator=torch.Generator())
+    with torch.no_grad():
+        ours = _Steps(coca, images).logits(prefixes)
+        latent, tokens = coca._encode_image(images.repeat_interleave(3, dim=0))
+        out = coca(None, prefixes, image_latent=latent, image_embs=tokens, output_labels=False)
+    torch.testing.assert_close(ours, out["logits"][:, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_max_tokens_beyond_the_context_is_refused(coca, images, special):
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        generate(coca, images, special, GenerationConfig(max_tokens=31))
+
+
+# ---- metrics: clip_benchmark's scoring path, fed the same captions and references
+
+
+def _demo_references(count: int) -> list[list[str]]:
+    from data_tools.sources.demo import RetrievalEvalSource
+
+    source = RetrievalEvalSource(count, image_size=16)
+    return [source.read(i).caption for i in range(count)]
+
+
+class _Generated(torch.nn.Module):
+    """A model whose generate() returns given token rows, in the order clip_benchmark asks."""
+
+    def __init__(self, rows: list[list[int]], special: SpecialTokens):
+        super().__init__()
+        self.rows, self.special = iter(rows), special
+
+    def generate(self, images: torch.Tensor) -> torch.Tensor:
+        rows = [[self.special.start, *next(self.rows), self.special.end] for _ in images]
+        out = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)  # 0 = open_clip pad
+        for i, row in enumerate(rows):
+            out[i, : len(row)] = torch.tensor(row)
+        return out
+
+
+class _NoScore:
+    """Stands in for a scorer clip_benchmark always runs but this test leaves out."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def compute_score(self, gts, res):
+        return math.nan, [math.nan] * len(res)
+
+    def method(self) -> str:
+        return self.name
+
+
+def clip_benchmark_scores(monkeypatch, rows, references, special, meteor=False):
+    """clip_benchmark's captioning.evaluate on token rows (SPICE, and METEOR unless asked for,
+    replaced by stand-ins: SPICE downloads Stanford CoreNLP)."""
+    from clip_benchmark.metrics import captioning
+
+    monkeypatch.setattr(captioning, "Spice", lambda: _NoScore("SPICE"))
+    if not meteor:
+        monkeypatch.setattr(captioning, "Meteor", lambda: _NoScore("METEOR"))
+    batches = [
+        (torch.zeros(len(references[i : i + 16]), 1), references[i : i + 16])
+        for i in range(0, len(references), 16)
+    ]
+    return captioning.evaluate(_Generated(rows, special), batches, 16, "cpu", None)
+
+
+def _candidates(references: list[list[str]]) -> list[str]:
+    """Captions that match their references in part: one word dropped, or another image's."""
+    candidates = []
+    for i, refs in enumerate(references):
+        words = refs[0].split()
+        candidates.append(" ".join(words[:2] + words[3:]) if i % 3 else references[i - 1][0])
+    return candidates
+
+
+@needs_java
+def test_scores_agree_with_clip_benchmark(monkeypatch, tokenizer, special):
+    references = _demo_references(40)
+    rows = [tokenizer.encode(caption) for caption in _candidates(references)]
+    theirs = clip_benchmark_scores(monkeypatch, rows, references, special)
+    ours = caption_scores([tokenizer.decode(row).strip() for row in rows], references)
+    assert set(ours) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr"}
+    for name, value in ours.items():
+        assert abs(value - theirs[name]) <= 0.001, (name, value, theirs[name])
+    assert 0.1 < ours["Bleu_4"] < 0.9 and ours["CIDEr"] > 0.5  # neither degenerate nor perfect
+
+
+@needs_java
+@pytest.mark.slow
+def test_meteor_agrees_with_clip_benchmark(monkeypatch, tokenizer, special):
+    references = _demo_references(12)
+    rows = [tokenizer.encode(caption) for caption in _candidates(references)]
+    theirs = clip_benchmark_scores(monkeypatch, rows, references, special, meteor=True)
+    ours = caption_scores([tokenizer.decode(r).strip() for r in rows], references, meteor=True)
+    assert abs(ours["METEOR"] - theirs["METEOR"]) <= 0.001 and 0 < ours["METEOR"] < 1
+
+
+# ---- vlp-eval --task captioning on a checkpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A seeded tiny CoCa checkpoint (decoder projection initialised: vlp.model.new_clip)."""
+    from safetensors.torch import save_file
+
+    directory = tmp_path_factory.mktemp("coca") / "step_000000001"
+    directory.mkdir()
+    register_model_configs()
+    torch.manual_seed(0)
+    state = {k: v.contiguous() for k, v in new_clip(MODEL).state_dict().items()}
+    save_file(state, str(directory / "model.safetensors"))
+    meta = {"step": 1, "config": {"model": {"name": MODEL}}}
+    (directory / "meta.json").write_text(json.dumps(meta))
+    return directory
+
+
+@needs_java
+def test_vlp_eval_captioning_agrees_with_clip_benchmark(
+    checkpoint, tmp_path_factory, tmp_path, monkeypatch, capsys, special
+):
+    from clip_benchmark.datasets.builder import build_dataset
+
+    from eval.checkpoints import resolve_checkpoint
+    from eval.models import load_model
+
+    retrieval = demo_eval_sets(tmp_path_factory) / "retrieval"
+    args = ["--checkpoint", checkpoint, "--dataset", retrieval, "--task", "captioning",
+            "--max-caption-tokens", "8", "--output", tmp_path / "out.json"]  # fmt: skip
+    assert main([str(a) for a in args]) == 0
+    assert "### captioning" in capsys.readouterr().out
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert result["task"] == "captioning" and result["details"]["num_images"] == 40
+    example = result["details"]["examples"][0]
+    assert example["caption"] and example["references"]
+    # clip_benchmark's own loader and scoring, fed the captions vlp generates for its images
+    model = load_model(resolve_checkpoint(checkpoint), "cpu")
+    dataset = build_dataset("wds/retrieval", root=str(retrieval), transform=model.preprocess,
+                            split="test", download=False, task="captioning")  # fmt: skip
+    pairs = list(torch.utils.data.DataLoader(dataset.batched(16), batch_size=None))
+    config = GenerationConfig(max_tokens=8)
+    rows = [row for images, _ in pairs for row in generate(model.module, images, special, config)]
+    theirs = clip_benchmark_scores(monkeypatch, rows, [r for _, refs in pairs for r in refs],
+                                   special)  # fmt: skip
+    for name, value in result["metrics"].items():
+        assert abs(value - theirs[name]) <= 0.001, (name, value, theirs[name])
+
+
+@pytest.fixture
+def fails(capsys):
+    def run(*args) -> str:
+        code = main([str(a) for a in args])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and err.startswith("vlp-eval: error: "), err
+        return err
+
+    return run
+
+
+def test_user_mistakes_are_one_line(checkpoint, tmp_path_factory, fails, monkeypatch):
+    from evalkit import tiny_run
+
+    retrieval = demo_eval_sets(tmp_path_factory) / "retrieval"
+    base = ["--dataset", retrieval, "--task", "captioning"]
+    err = fails("--checkpoint", tiny_run(tmp_path_factory), *base)
+    assert "has no caption decoder; captioning needs a CoCa model" in err
+    err = fails("--checkpoint", checkpoint, *base, "--max-caption-tokens", 31)
+    assert "max caption tokens 31: model 'vlp-tiny-coca' holds at most 30" in err
+    assert "--num-beams 0: must be at least 1" in fails("--checkpoint", checkpoint, *base,
+                                                        "--num-beams", 0)  # fmt: skip
+    err = fails("--checkpoint", checkpoint, *base, "--no-repeat-ngram", 1)
+    assert "--no-repeat-ngram 1: must be 0 (off) or at least 2" in err
+    shapes = retrieval.parent / "shapes"
+    err = fails("--checkpoint", checkpoint, "--dataset", shapes, "--task", "captioning")
+    assert "task captioning needs a retrieval set" in err
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    err = fails("--checkpoint", checkpoint, *base, "--max-caption-tokens", 2)
+    assert "captioning metrics need Java" in err and "default-jre-headless" in err

@@ -1,0 +1,230 @@
+"""Caption generation for open_clip CoCa models: greedy and beam search.
+
+open_clip 3.3's `CoCa.generate` needs transformers < 5 (its beam search imports
+`BeamSearchScorer`, which transformers 5 removed), so vlp decodes itself, over open_clip's own
+modules: the image tower and the cross-attention keys and values once per image, then per step
+the causal text tower and decoder on the prefix, and the vocabulary projection at the last
+position only. Every image of a batch decodes at once; images whose caption has ended drop out.
+
+A caption is the tokens between the start token and the first end token. `max_tokens` caps
+them (the end token is forced after that many), `min_tokens` forbids the end token before, and
+`no_repeat_ngram` n forbids any token that would repeat an n-gram already in the sequence.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlp.config import GenerationConfig
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    start: int
+    end: int
+
+
+def context_limit(model: nn.Module) -> int:
+    """The most caption tokens the model's text tower and decoder can hold (start, end excluded)."""
+    decoder_context = model.text_decoder.attn_mask.shape[0]
+    return min(getattr(model.text, "context_length", decoder_context), decoder_context) - 2
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module, images: Tensor, special: SpecialTokens, config: GenerationConfig
+) -> list[list[int]]:
+    """(B, 3, H, W) preprocessed images -> B captions as token ids (start and end left out).
+
+    `model` is an open_clip CoCa in eval mode; run under autocast for reduced precision.
+    """
+    if config.max_tokens > context_limit(model):
+        raise ValueError(
+            f"max_tokens {config.max_tokens} exceeds the model's context "
+            f"({context_limit(model)} caption tokens)"
+        )
+    search = _greedy if config.method == "greedy" else _beam
+    return search(_Steps(model, images), special, config)
+
+
+class _Steps:
+    """Next-token logits of an open_clip CoCa, for G prefixes (beams) per image.
+
+    The image tower runs once, and so do the keys and values of the decoder's cross-attention
+    over the image tokens (the largest per-step cost otherwise: hundreds of image tokens against
+    a few text positions). The causal text tower and the decoder's self-attention run on the
+    whole prefix each step, through open_clip's own modules: their states over a prefix equal
+    those of the full sequence at the same positions.
+    """
+
+    def __init__(self, model: nn.Module, images: Tensor):
+        self.model = model
+        self.num_images = images.shape[0]
+        image_tokens = model._encode_image(images, normalize=False)[1]  # (B, I, W)
+        decoder = model.text_decoder
+        if not decoder.batch_first:
+            raise ValueError("caption generation needs a batch-first open_clip decoder")
+        self.cross = [_keys_values(block, image_tokens) for block in decoder.cross_attn]
+
+    def keep(self, images: Tensor) -> None:
+        """Drop every image but `images` (indices into the current ones, in this order)."""
+        self.cross = [(keys[images], values[images]) for keys, values in self.cross]
+
+    def logits(self, prefixes: Tensor) -> Tensor:
+        """(A * G, t) prefixes, G consecutive rows per current image -> (A * G, V) float32
+        logits of the token after each prefix."""
+        decoder = self.model.text_decoder
+        x = self.model._encode_text(prefixes, normalize=False)[1]  # (A * G, t, W)
+        length = x.shape[1]
+        mask = decoder.attn_mask[:length, :length]
+        for block, cross, keys_values in zip(
+            decoder.resblocks, decoder.cross_attn, self.cross, strict=True
+        ):
+            x = block(x, attn_mask=mask)
+            attended = _cross_attention(cross, cross.ln_1(x), *keys_values)
+            x = x + cross.ls_1(attended)
+            x = x + cross.ls_2(cross.mlp(cross.ln_2(x)))
+        last = decoder.ln_final(x[:, -1])  # (A * G, W)
+        return (last @ decoder.text_projection).float()
+
+
+def _keys_values(block: nn.Module, image_tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """A cross-attention block's keys and values of (B, I, W) image tokens: (B, H, I, W / H)
+    each, as its nn.MultiheadAttention projects them (after the block's ln_1_kv)."""
+    attn = block.attn
+    width = attn.embed_dim
+    normed = block.ln_1_kv(image_tokens)
+    keys = F.linear(
+        normed, attn.in_proj_weight[width : 2 * width], attn.in_proj_bias[width : 2 * width]
+    )
+    values = F.linear(normed, attn.in_proj_weight[2 * width :], attn.in_proj_bias[2 * width :])
+    return _heads(keys, attn.num_heads), _heads(values, attn.num_heads)
+
+
+def _heads(x: Tensor, num_heads: int) -> Tensor:
+    """(N, L, W) -> (N, H, L, W / H)."""
+    return x.unflatten(2, (num_heads, -1)).transpose(1, 2)
+
+
+def _cross_attention(block: nn.Module, queries: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+    """nn.MultiheadAttention(queries, image tokens) of `block` with cached keys and values.
+
+    queries (A * G, t, W); keys, values (A, H, I, W / H). Cross-attention has no mask, so the G
+    prefixes of an image are stacked along the query axis and share its keys and values.
+    """
+    attn = block.attn
+    rows, length, width = queries.shape
+    images = keys.shape[0]
+    q = F.linear(queries, attn.in_proj_weight[:width], attn.in_proj_bias[:width])
+    q = _heads(q.reshape(images, rows // images * length, width), attn.num_heads)
+    out = F.scaled_dot_product_attention(q, keys, values)  # (A, H, G * t, W / H)
+    return attn.out_proj(out.transpose(1, 2).reshape(rows, length, width))
+
+
+def forbid(logits: Tensor, prefixes: Tensor, special: SpecialTokens, config: GenerationConfig):
+    """Set to -inf, in place, the (R, V) logits of tokens the rules forbid after (R, t) prefixes.
+
+    The end token before `min_tokens` caption tokens; with no_repeat_ngram n, every token that
+    would end an n-gram whose first n - 1 tokens are the prefix's last n - 1 and that already
+    occurs in the prefix.
+    """
+    if prefixes.shape[1] - 1 < config.min_tokens:
+        logits[:, special.end] = -math.inf
+    n = config.no_repeat_ngram
+    if n and prefixes.shape[1] >= n:
+        grams = prefixes.unfold(1, n, 1)  # (R, t - n + 1, n)
+        tail = prefixes[:, prefixes.shape[1] - n + 1 :]  # (R, n - 1)
+        rows, starts = (grams[:, :, :-1] == tail[:, None, :]).all(dim=2).nonzero(as_tuple=True)
+        logits[rows, grams[rows, starts, -1]] = -math.inf
+    return logits
+
+
+def _greedy(steps: _Steps, special: SpecialTokens, config: GenerationConfig) -> list[list[int]]:
+    """The most likely allowed token at each step, until the end token or max_tokens."""
+    captions: list[list[int]] = [[] for _ in range(steps.num_images)]
+    alive = torch.arange(steps.num_images)  # images still decoding
+    prefixes = torch.full((steps.num_images, 1), special.start, dtype=torch.long)
+    for _ in range(config.max_tokens):
+        logits = forbid(steps.logits(prefixes), prefixes, special, config)
+        chosen = logits.argmax(dim=1)  # (A,)
+        for image, token in zip(alive.tolist(), chosen.tolist(), strict=True):
+            if token != special.end:
+                captions[image].append(token)
+        going = chosen != special.end
+        alive, prefixes = alive[going], torch.cat([prefixes, chosen[:, None]], dim=1)[going]
+        if not len(alive):
+            break
+        if not going.all():
+            steps.keep(going.nonzero()[:, 0])
+    return captions
+
+
+@dataclass
+class _Finished:
+    """An image's best finished captions: (normalised score, tokens), at most num_beams."""
+
+    beams: int
+    hypotheses: list[tuple[float, list[int]]]
+
+    def add(self, score: float, tokens: list[int]) -> None:
+        self.hypotheses.append((score, tokens))
+        self.hypotheses.sort(key=lambda item: -item[0])
+        del self.hypotheses[self.beams :]
+
+    def settled(self, best_alive: float) -> bool:
+        """Full, and no live beam scores better than the worst kept caption."""
+        return len(self.hypotheses) == self.beams and self.hypotheses[-1][0] >= best_alive
+
+
+def _beam(steps: _Steps, special: SpecialTokens, config: GenerationConfig) -> list[list[int]]:
+    """Beam search: the `num_beams` best prefixes of each image by summed log-probability.
+
+    Per step each image's beams propose 2K candidates; those ending with the end token among
+    the top K become finished captions (ranked by score / length ** length_penalty, length =
+    caption tokens + 1), the best K others are the next beams. An image stops when K finished
+    captions all rank above its best beam; after max_tokens every beam is ended.
+    """
+    beams = config.num_beams
+    finished = [_Finished(beams, []) for _ in range(steps.num_images)]
+    alive = torch.arange(steps.num_images)
+    prefixes = torch.full((steps.num_images * beams, 1), special.start, dtype=torch.long)
+    # one live beam per image at first: identical copies would crowd out other candidates
+    scores = torch.full((steps.num_images, beams), -math.inf)
+    scores[:, 0] = 0
+    for step in range(config.max_tokens + 1):
+        logits = forbid(steps.logits(prefixes), prefixes, special, config)  # (A * K, V)
+        log_probs = F.log_softmax(logits, dim=1)
+        if step == config.max_tokens:  # the last position: the end token, at its probability
+            log_probs[:, : special.end] = log_probs[:, special.end + 1 :] = -math.inf
+        vocab = logits.shape[1]
+        total = scores[:, :, None] + log_probs.view(len(alive), beams, vocab)
+        top, index = total.view(len(alive), -1).topk(2 * beams, dim=1)  # (A, 2K)
+        source, token = index // vocab, index % vocab
+        ends = (token == special.end) & top.isfinite()
+        length = (step + 1) ** config.length_penalty
+        for a, c in (ends[:, :beams]).nonzero().tolist():  # ends ranked among the top K
+            tokens = prefixes[a * beams + source[a, c], 1:].tolist()
+            finished[int(alive[a])].add(float(top[a, c]) / length, tokens)
+        # the first K candidates that do not end (there are at least K among 2K)
+        keep = (token == special.end).int().argsort(dim=1, stable=True)[:, :beams]
+        scores, source, token = top.gather(1, keep), source.gather(1, keep), token.gather(1, keep)
+        parents = (torch.arange(len(alive))[:, None] * beams + source).flatten()
+        prefixes = torch.cat([prefixes[parents], token.flatten()[:, None]], dim=1)
+        going = torch.tensor(
+            [
+                not finished[int(i)].settled(float(s) / length)
+                for i, s in zip(alive, scores[:, 0], strict=True)
+            ]
+        )
+        if step == config.max_tokens or not going.any():
+            break
+        alive, scores = alive[going], scores[going]
+        prefixes = prefixes.view(len(going), beams, -1)[going].flatten(0, 1)
+        if not going.all():
+            steps.keep(going.nonzero()[:, 0])
+    return [f.hypotheses[0][1] for f in finished]  # the best, kept sorted
