@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) ## create .venv and install vlp with its dev tools (idempotent)
 
-demo: $(STAMP) ## build the demo shards, train the demo CoCa, evaluate it, write runs/demo/report.md
+demo: $(STAMP) ## build the demo shards, train the demo CoCa, evaluate it, write runs/demo/report/report.md
 	$(PY) -m data_tools demo $(DEMO_DIR) --workers $(WORKERS)
 	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no \
 		--dynamo_backend no vlp/train.py
@@ -29,7 +29,8 @@ demo: $(STAMP) ## build the demo shards, train the demo CoCa, evaluate it, write
 		$(DEMO_DIR)/eval/retrieval --output runs/demo/eval
 	$(PY) -m eval report runs/demo --dataset $(DEMO_DIR)/eval/shapes $(DEMO_DIR)/eval/retrieval
 	@echo "demo shards: $(DEMO_DIR)/train  eval sets: $(DEMO_DIR)/eval/{shapes,retrieval}"
-	@echo "demo run:    runs/demo (config.yaml, metrics.jsonl, checkpoints/, eval/, report.md)"
+	@echo "demo run:    runs/demo (config.yaml, metrics.jsonl, history.jsonl, checkpoints/, eval/, report/)"
+	@echo "report:      runs/demo/report/report.md"
 
 test: $(STAMP) ## run the test suite (CPU only, a few minutes)
 	$(PY) -m pytest -q

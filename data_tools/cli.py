@@ -10,6 +10,7 @@ from pathlib import Path
 from data_tools import commands as cmd
 from data_tools.errors import UsageError
 from data_tools.images import DEFAULT_MAX_PIXELS, FORMATS, RESIZE_MODES
+from vlp import runlock
 
 PROG = "vlp-shard"
 
@@ -19,7 +20,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except UsageError as err:
+    except (UsageError, runlock.Busy) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

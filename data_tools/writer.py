@@ -2,9 +2,10 @@
 
 Shard `i` always holds items `[i * samples_per_shard, (i + 1) * samples_per_shard)` minus the
 bad ones, so any process on any node can build it alone and get the same bytes. A shard is
-written under a hidden temporary name and renamed when complete; its `_stats.json` is written
-after the rename and marks it done. `sizes.json` and the final manifest are written by whichever
-node sees every shard done.
+written under a hidden temporary name, flushed to the disk and renamed when complete; its
+`_stats.json` is written after the rename and marks it done. `sizes.json` and the final manifest
+are written by whichever node sees every shard done. One process per node writes an output
+directory at a time (a lock per --node-rank, vlp/runlock.py).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from data_tools.layouts import Layout
 from data_tools.progress import Progress
 from data_tools.sample import BadSample
 from data_tools.sources import Source
+from vlp import runlock
 from vlp.data import format as fmt
 
 TAR_MTIME = 0.0
@@ -95,7 +97,17 @@ def write_dataset(
     """Write every shard assigned to this node that is not already complete."""
     if len(source) == 0:
         raise UsageError("the source has no items: nothing to shard")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    lock = runlock.acquire(
+        out_dir, "vlp-shard", f"vlp-shard-node-{opts.node_rank}",
+        "wait for it to finish or stop it (other --node-rank processes may share the output)",
+    )  # fmt: skip
+    try:
+        return _write_locked(source, out_dir, layout, image, opts)
+    finally:
+        lock.release()
+
+
+def _write_locked(source, out_dir, layout, image, opts: WriteOptions) -> Summary:
     fingerprint = _fingerprint(source, layout, image, opts)
     digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
     key_width = max(9, len(str(len(source))))
@@ -173,6 +185,7 @@ def _write_shard(shard: int, advance) -> dict[str, Any]:
                 if len(found) < MAX_EXAMPLES_PER_REASON:
                     found.append(f"{job.source.locate(index)}: {bad.detail}")
             advance(1)
+    _fsync(temporary)  # the rename must never publish a shard whose bytes are not on disk
     os.replace(temporary, final)
     stats = {
         "shard": name,
@@ -304,4 +317,10 @@ def _write_json(path: Path, data: Any) -> None:
     """Atomic: readers see the old file or the new one, never half of one."""
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
     temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    _fsync(temporary)
     os.replace(temporary, path)
+
+
+def _fsync(path: Path) -> None:
+    with path.open("rb") as handle:
+        os.fsync(handle.fileno())

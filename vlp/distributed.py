@@ -195,3 +195,27 @@ def broadcast_tensors(tensors: dict[str, Tensor], src: int = 0) -> dict[str, Ten
         for tensor in tensors.values():
             dist.broadcast(tensor, src=src)
     return tensors
+
+
+_cpu_group: Any = None
+
+
+def max_over_ranks(value: int) -> int:
+    """The largest `value` of any rank (a small int such as a flag or a signal number), reduced
+    on CPU tensors so a GPU run does not wait for its device; `value` when not distributed."""
+    if not is_distributed():
+        return value
+    total = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(total, op=dist.ReduceOp.MAX, group=_host_group())
+    return int(total.item())
+
+
+def _host_group():
+    """A process group for CPU tensors: the default one when it runs gloo, else a gloo group
+    over the same ranks (created on first use, which every rank reaches at the same point)."""
+    global _cpu_group
+    if "gloo" in str(dist.get_backend()):
+        return None
+    if _cpu_group is None:
+        _cpu_group = dist.new_group(backend="gloo")
+    return _cpu_group

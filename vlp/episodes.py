@@ -68,7 +68,7 @@ class EpisodePlan:
                 f"{len(urls)} shards"
             )
         steps = protos.episode_steps or _steps_from_sizes(urls, protos.episode_shards, global_batch)
-        return cls(
+        plan = cls(
             urls,
             protos.episode_shards,
             steps,
@@ -77,6 +77,15 @@ class EpisodePlan:
             protos.lit_episodes,
             cfg.train.seed,
         )
+        # the teacher's PCA needs pca_dim samples: check every clustering episode by sizes.json
+        # now (without sizes.json, build_state checks the episode it clusters)
+        external, sizes = cfg.objectives.prototype_external, _sizes(urls)
+        checked = plan.num_episodes if sizes and external.weight else 0
+        for e in filter(plan.clusters, range(checked)):
+            samples = sum(sizes.get(Path(url).name, 0) for url in plan.shards(e))
+            if samples < external.pca_dim:
+                raise ConfigError(_pca_message(external.pca_dim, samples, f"episode {e}'s"))
+        return plan
 
     @property
     def num_episodes(self) -> int:
@@ -109,13 +118,12 @@ class EpisodePlan:
 
 
 def _steps_from_sizes(urls: list[str], shards: int, global_batch: int) -> int:
-    sizes_file = Path(urls[0].removeprefix("file://")).parent / "sizes.json"
-    if not sizes_file.is_file():
+    sizes = _sizes(urls)
+    if sizes is None:
         raise ConfigError(
-            f"prototypes.episode_steps: 0 needs {sizes_file} (shard sizes) to derive the steps "
-            "per episode; set prototypes.episode_steps instead"
+            f"prototypes.episode_steps: 0 needs {_sizes_file(urls)} (shard sizes) to derive the "
+            "steps per episode; set prototypes.episode_steps instead"
         )
-    sizes = json.loads(sizes_file.read_text())
     per_shard = sum(sizes.values()) / max(1, len(sizes))
     steps = int(per_shard * shards) // global_batch
     if steps < 1:
@@ -124,6 +132,16 @@ def _steps_from_sizes(urls: list[str], shards: int, global_batch: int) -> int:
             f"than one global batch of {global_batch}; raise it"
         )
     return steps
+
+
+def _sizes_file(urls: list[str]) -> Path:
+    return Path(urls[0].removeprefix("file://")).parent / "sizes.json"
+
+
+def _sizes(urls: list[str]) -> dict[str, int] | None:
+    """{shard name: samples} from the shards' sizes.json; None without one."""
+    path = _sizes_file(urls)
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 @dataclass
@@ -341,6 +359,8 @@ def build_state(
             f"prototypes.clusters={k} exceeds the episode's {rows} samples: lower it or raise "
             "prototypes.episode_shards"
         )
+    if teacher is not None and teacher.pca_dim > rows:  # faiss's PCA would fail on rank 0
+        raise DataError(_pca_message(teacher.pca_dim, rows, "the episode's"))
     if distributed.rank() == 0:
         started = time.monotonic()
         tensors = _cluster(image, text, captions, clustering, teacher, device)
@@ -360,6 +380,12 @@ def build_state(
             for name, shape in shapes.items()
         }
     return EpisodeState(keys, **distributed.broadcast_tensors(tensors))
+
+
+def _pca_message(pca_dim: int, samples: int, whose: str) -> str:
+    return (f"objectives.prototype_external.pca_dim={pca_dim} exceeds {whose} {samples} samples "
+            "(its PCA needs as many samples as dimensions): lower it or raise "
+            "prototypes.episode_shards")  # fmt: skip
 
 
 def _cluster(

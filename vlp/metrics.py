@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -35,10 +36,9 @@ class MetricsLogger:
         """A resumed run repeats the steps after its checkpoint: forget their first records."""
         if not self.path.exists():
             return
-        lines = self.path.read_text().splitlines(keepends=True)
-        kept = [line for line in lines if _step_of(line) <= step]
-        if len(kept) != len(lines):
-            self.path.write_text("".join(kept))
+        kept = records_up_to(self.path, step)
+        if len(kept) != len(self.path.read_text().splitlines()):
+            write_records(self.path, kept)
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         if not self.active:
@@ -67,6 +67,24 @@ class MetricsLogger:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def records_up_to(path: Path, step: int) -> list[str]:
+    """The lines (with their newlines) of a metrics file whose records are at most `step`."""
+    if not path.is_file():
+        return []
+    return [line for line in path.read_text().splitlines(keepends=True) if _step_of(line) <= step]
+
+
+def write_records(path: Path, lines: list[str]) -> None:
+    """Replace `path` by `lines` atomically: a kill midway leaves the old file or the new one,
+    never a cut-short one (a rewrite in place would lose the records after the cut)."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    with temporary.open("w") as handle:
+        handle.write("".join(lines))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
 
 
 def _step_of(line: str) -> float:

@@ -17,11 +17,12 @@ import contextlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
+import signal  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 from collections import Counter  # noqa: E402
 from dataclasses import asdict  # noqa: E402
-from typing import Any  # noqa: E402
+from typing import Any, NoReturn  # noqa: E402
 
 import torch  # noqa: E402
 from accelerate.utils import (  # noqa: E402
@@ -33,7 +34,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from eval.during_training import open_evaluators  # noqa: E402
 from eval.models import EvalModel  # noqa: E402
-from vlp import checkpoint, distributed  # noqa: E402
+from vlp import checkpoint, distributed, rundir, runlock  # noqa: E402
 from vlp.config import Config, ConfigError, load_config, to_dict, to_yaml  # noqa: E402
 from vlp.data import format as fmt  # noqa: E402
 from vlp.data.pipeline import Batch, Position, build_loader, mix, sample_decoder  # noqa: E402
@@ -53,6 +54,7 @@ from vlp.metrics import MetricsLogger, is_time  # noqa: E402
 from vlp.model import build_model  # noqa: E402
 from vlp.objectives import WeightedObjective  # noqa: E402
 from vlp.optim import build_optimizer, lr_at  # noqa: E402
+from vlp.stopping import Stopped, StopRequests  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "demo.yaml"
@@ -66,8 +68,13 @@ class NonFiniteLoss(FloatingPointError):
 class Trainer:
     """Builds everything from the config, then `train()` runs the loop to `train.steps`."""
 
-    def __init__(self, cfg: Config):
+    def __init__(
+        self, cfg: Config, overwrite: bool = False, stops: StopRequests | None = None
+    ) -> None:
+        """`overwrite`: move a run already in run.output_dir aside instead of refusing to start
+        (vlp/rundir.py); `stops`: the signal handlers whose requests end the run early."""
         self.cfg = cfg
+        self.stops = stops if stops is not None else StopRequests()
         self.run_dir = Path(cfg.run.output_dir)
         self.objective = WeightedObjective(cfg.objectives)
         episodic = self.objective.needs_episodes
@@ -80,6 +87,15 @@ class Trainer:
             if episodic
             else None,
         )
+        self.lock, self.start = self._claim(overwrite)
+        try:
+            self._build(episodic)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, episodic: bool) -> None:
+        cfg = self.cfg
         if self.accelerator.device.type == "cpu":
             torch.set_num_threads(distributed.cpu_threads(cfg.train.threads))
         set_seed(cfg.train.seed)
@@ -110,7 +126,8 @@ class Trainer:
             self.accelerator, cfg.data.batch_size, cfg.train.grad_accum, cfg.train.grad_clip
         )
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        self.step, self.positions = 0, {}
+        self.step, self.positions, self.saved_step = 0, {}, -1
+        self.changes: dict[str, list[Any]] = {}
         # first step whose loss was not finite (-1: none); read only where the loop syncs anyway
         self.first_nonfinite = torch.tensor(-1, device=self.accelerator.device)
         self.episode_state: EpisodeState | None = None
@@ -123,12 +140,29 @@ class Trainer:
         self.evaluators = open_evaluators(cfg.eval, cfg.train.steps, self._message)
         self.eval_model = self._eval_model(eval_transform, tokenizer)
 
+    def _claim(self, overwrite: bool) -> tuple[runlock.RunLock | None, rundir.Start]:
+        """Rank 0 locks the run directory and decides how the run starts; every rank gets the
+        decision, or the refusal, by a broadcast, so a refused start never leaves one waiting."""
+        lock, outcome = None, None
+        if distributed.rank() == 0:
+            try:
+                lock, outcome = rundir.claim(self.run_dir, self.cfg.resume, overwrite, PROG)
+            except Exception as err:  # raised on every rank, below
+                outcome = err
+        outcome = distributed.broadcast_object(outcome)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return lock, outcome
+
+    def close(self) -> None:
+        """Release the run directory (idempotent; train() does it when it ends)."""
+        if self.lock is not None:
+            self.lock.release()
+
     def _resume(self) -> dict[str, Any] | None:
-        if self.cfg.resume is None:
+        if self.start.checkpoint is None:
             return None
-        path = checkpoint.resolve(self.cfg.resume, self.run_dir)
-        if path is None:
-            return None
+        path = Path(self.start.checkpoint)
         meta = json.loads((path / checkpoint.META_FILE).read_text())
         saved_model = meta["config"]["model"]["name"]
         if saved_model != self.cfg.model.name:
@@ -139,8 +173,11 @@ class Trainer:
                 f"resume: {path} was trained on a different data stream ({', '.join(changed)} "
                 "changed), so it cannot continue exactly; restore them or use a new run.output_dir"
             )
+        self.changes = rundir.config_changes(meta["config"], to_dict(self.cfg))
         checkpoint.load(self.accelerator, path)
         self.step = meta["step"]
+        if path.parent.resolve() == (self.run_dir / checkpoint.CHECKPOINT_DIR).resolve():
+            self.saved_step = self.step
         self.episode_state = EpisodeState.load(path)
         saved = meta["data"]["positions"][distributed.rank()]
         self.positions = {int(w): Position.from_dict(p) for w, p in saved.items()}
@@ -221,9 +258,24 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
         acc.init_trackers(self.run_dir.name)
         self.logger = MetricsLogger(self.run_dir, acc, self.cfg.train.steps, self.step)
+        moved = self.start.moved_to
+        if moved:
+            self._message(f"moved the run that was in {self.run_dir} to {moved} (--overwrite)")
         where = f"resumed from {resumed['path']} at step {self.step}" if resumed else "started"
         threads = f"; {torch.get_num_threads()} CPU threads" if acc.device.type == "cpu" else ""
         self._message(f"{where}; run directory {self.run_dir}{threads}")
+        history = self.run_dir / rundir.HISTORY_FILE
+        if self.changes:
+            self._message(
+                f"warning: resuming with a changed config: {rundir.describe_changes(self.changes)}"
+                f" (recorded in {history})"
+            )
+        if acc.is_main_process:
+            rundir.record(
+                self.run_dir, "resume" if resumed else "start", step=self.step,
+                checkpoint=resumed and resumed["path"], moved_previous_run_to=moved,
+                changed=self.changes, processes=distributed.world_size(), argv=sys.argv,
+            )  # fmt: skip
 
     def _eval_model(self, transform, tokenizer) -> EvalModel:
         """The live open_clip module (not a copy), so evaluations see the current weights."""
@@ -263,13 +315,24 @@ class Trainer:
         return self.cfg.data.batch_size * self.cfg.train.grad_accum * distributed.world_size()
 
     def train(self) -> None:
+        """Run to train.steps, or until a stop request (raises Stopped); releases the run
+        directory either way."""
+        try:
+            self._train()
+        finally:
+            self.close()
+
+    def _train(self) -> None:
         cfg, plan = self.cfg, self.episodes
         batches = iter(self.loader) if plan is None else None
         window_start, window_steps, wait = time.perf_counter(), 0, 0.0
         while self.step < cfg.train.steps:
+            stop = distributed.max_over_ranks(self.stops.signum)  # every rank, the same step
+            if stop:
+                self._stop(stop)
             if plan is not None and (batches is None or self.step % plan.steps_per_episode == 0):
                 batches = self._begin_episode()
-            logs, step_wait = self.train_step(batches)
+            logs, step_wait = self._step_unless_workers_gone(batches)
             self.step += 1
             window_steps, wait = window_steps + 1, wait + step_wait
             log_now = is_time(self.step, cfg.train.log_every_steps, cfg.train.steps)
@@ -288,10 +351,45 @@ class Trainer:
                 self.save()
         self.logger.close()
         self.accelerator.end_training()
+        if self.accelerator.is_main_process:
+            rundir.record(self.run_dir, "finish", step=self.step)
         self._message(
             f"done at step {self.step}; checkpoints in {self.run_dir / 'checkpoints'}, "
             f"metrics in {self.run_dir / 'metrics.jsonl'}"
         )
+
+    def _step_unless_workers_gone(self, batches) -> tuple[dict[str, Any], float]:
+        """train_step; but if a launcher terminated the data workers with this process after a
+        stop request (accelerate launch and SLURM signal every descendant) and the step lacks
+        a batch, stop at the last complete step (one process: ranks would disagree)."""
+        positions = dict(self.positions)
+        try:
+            return self.train_step(batches)
+        except RuntimeError as err:
+            gone = self.stops.signum and "DataLoader worker" in str(err)
+            if not gone or distributed.world_size() > 1:
+                raise
+        self.positions = positions  # the failed step's batches were never trained
+        self.optimizer.zero_grad(set_to_none=True)
+        self._stop(self.stops.signum)
+
+    def _stop(self, signum: int) -> NoReturn:
+        """A stop request reached every rank by this step boundary: checkpoint the steps not yet
+        saved, say how to continue, raise Stopped."""
+        name = signal.Signals(signum).name
+        if self.step > 0 and self.saved_step != self.step:
+            self.save()
+        path = None
+        if self.step > 0:
+            path = self.run_dir / checkpoint.CHECKPOINT_DIR / checkpoint.checkpoint_name(self.step)
+        self.logger.close()
+        self.accelerator.end_training()
+        if self.accelerator.is_main_process:
+            found = str(path) if path else None
+            rundir.record(self.run_dir, "stop", signal=name, step=self.step, checkpoint=found)
+        kept = f"{path} holds it; resume=latest continues from there" if path else "nothing saved"
+        self._message(f"stopped by {name} at step {self.step}: {kept}")
+        raise Stopped(signum)
 
     def train_step(self, batches) -> tuple[dict[str, Any], float]:
         """One optimizer step over `grad_accum` micro-batches; returns (logs, seconds waiting).
@@ -452,6 +550,7 @@ class Trainer:
             self.cfg.checkpoint.keep,
             extra=state.save if within else None,  # a resume within the episode needs it
         )
+        self.saved_step = self.step
         self._message(f"saved {path}")
 
 
@@ -469,6 +568,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=Path,
         default=None,
         help=f"YAML run config (default: {DEFAULT_CONFIG.relative_to(REPO)})",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="if run.output_dir already holds a run, move it aside to OUTPUT_DIR.old-N and "
+        "start afresh (default: refuse; resume=latest continues it)",
     )
     parser.add_argument(
         "overrides",
@@ -512,12 +617,26 @@ def ensure_demo_shards(cfg: Config, wait_seconds: float = 3600) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    with StopRequests(PROG) as stops:
+        return _run(args, stops)
+
+
+def _run(args: argparse.Namespace, stops: StopRequests) -> int:
     try:
         cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
         if args.config is None:
             ensure_demo_shards(cfg)
-        Trainer(cfg).train()
-    except (ConfigError, DataError) as err:
+        Trainer(cfg, args.overwrite, stops).train()
+    except Stopped as stop:  # its checkpoint and message are out
+        return stop.exit_code
+    except KeyboardInterrupt:
+        print(
+            f"{PROG}: interrupted: stopped at once, nothing saved since the newest checkpoint "
+            "(resume=latest continues from it)",
+            file=sys.stderr,
+        )
+        return 130
+    except (ConfigError, DataError, runlock.Busy) as err:
         print(f"{PROG}: error: {_last_line(err)}", file=sys.stderr)
         return 2
     except (NonFiniteLoss, checkpoint.CheckpointError) as err:

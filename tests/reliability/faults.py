@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -459,3 +460,60 @@ def traversal_tar(path: Path, escape_dir: Path) -> list[Path]:
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
     return targets
+
+
+# --- stop requests ---------------------------------------------------------------------------
+
+ACCELERATE = [
+    str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "1",
+    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+]  # fmt: skip
+"""`accelerate launch` as `make demo` runs it; followed by vlp/train.py and its arguments."""
+
+
+@dataclass
+class SignalledRun:
+    exit_code: int
+    stderr: str
+    started_at: int
+    """The step the run started (or resumed) at."""
+    seconds_to_exit: float
+    """From the first signal to the launched process's exit."""
+
+
+def ctrl_c(process) -> None:
+    """What a terminal's Ctrl-C does: SIGINT to the whole foreground process group."""
+    os.killpg(process.pid, signal.SIGINT)
+
+
+def signal_run(
+    command: list[str], steps_first: int, send, then=None, timeout: float = 600
+) -> SignalledRun:
+    """Start `command` in a process group of its own, wait until it has trained `steps_first`
+    steps (its `step N:` log lines; log every step), `send(process)`, `then(process)` once it
+    says it is stopping, and let it end."""
+    process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # fmt: skip
+    watchdog = threading.Timer(timeout, lambda: os.killpg(process.pid, signal.SIGKILL))
+    watchdog.start()
+    lines, start, sent_at = [], None, None
+    try:
+        for line in process.stderr:
+            lines.append(line)
+            if start is None and ("vlp-train: started" in line or "vlp-train: resumed" in line):
+                start = int(line.split(" at step ")[1].split(";")[0]) if "resumed" in line else 0
+            if (
+                start is not None
+                and sent_at is None
+                and line.startswith(f"step {start + steps_first}:")
+            ):
+                sent_at = time.monotonic()
+                send(process)
+            elif then is not None and ": stopping after this step" in line:
+                then(process)
+                then = None
+        process.wait()
+    finally:
+        watchdog.cancel()
+    seconds = time.monotonic() - sent_at if sent_at is not None else float("nan")
+    return SignalledRun(process.returncode, "".join(lines), start or 0, seconds)

@@ -3,9 +3,13 @@ key, option or value, exit code 2, and never a traceback or a hang."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -155,3 +159,99 @@ def test_fresh_processes_end_in_one_line_without_hanging(argv):
     errors = [line for line in result.stderr.splitlines() if "error" in line]
     assert result.returncode == 2 and len(errors) == 1, result.stderr[-1500:]
     assert "Traceback" not in result.stderr
+
+
+# --- study files and run-directory states ----------------------------------------------------
+
+
+@FUZZ
+@given(st.text(max_size=300))
+def test_vlp_study_any_study_file_is_checked_or_one_line_exit_2(tmp_path_factory, text):
+    from vlp.study.cli import main as study_main
+
+    directory = tmp_path_factory.mktemp("study")
+    path = directory / "s.yaml"
+    path.write_text(text)
+    argv = [str(path), "--dry-run", "--output", str(directory / "out")]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = _exit_code(study_main, argv)
+    errors = [line for line in err.getvalue().splitlines() if "error" in line]
+    assert code in (0, 2) and "Traceback" not in err.getvalue(), err.getvalue()[-1500:]
+    assert code == 0 or len(errors) == 1, err.getvalue()[-1500:]
+
+
+STATES = st.fixed_dictionaries({
+    "checkpoints": st.lists(st.integers(1, 9), unique=True, max_size=3),
+    "partial": st.booleans(),  # a save cut short: a hidden .step_*.tmp
+    "records": st.integers(0, 5),
+    "cut_record": st.booleans(),  # the last metrics line cut short by a kill
+    "foreign": st.booleans(),
+    "locked": st.booleans(),
+    "resume": st.sampled_from([None, "latest", "own", "other", "bogus"]),
+    "overwrite": st.booleans(),
+})  # fmt: skip
+
+
+def _make_state(run: Path, state: dict) -> None:
+    from vlp import checkpoint
+
+    run.mkdir(parents=True)
+    for step in state["checkpoints"]:
+        path = run / "checkpoints" / checkpoint.checkpoint_name(step)
+        path.mkdir(parents=True)
+        (path / checkpoint.META_FILE).write_text(json.dumps({"step": step}))
+    if state["partial"]:
+        (run / "checkpoints" / ".step_000000010.tmp").mkdir(parents=True)
+    lines = [json.dumps({"step": s}) + "\n" for s in range(1, state["records"] + 1)]
+    if state["cut_record"]:
+        lines.append('{"step": 9, "lo')
+    if lines:
+        (run / "metrics.jsonl").write_text("".join(lines))
+    if state["foreign"]:
+        (run / "notes.txt").write_text("the user's")
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*")
+            if p.is_file() and not p.name.endswith(".lock")}  # fmt: skip
+
+
+@FUZZ
+@given(STATES)
+def test_any_run_directory_state_starts_or_refuses_in_one_line_and_loses_nothing(
+    tmp_path_factory, state
+):
+    """Empty, partial checkpoint, cut-short metrics, foreign files, locked: a start either goes
+    ahead without landing on a run, or is one line; no file is ever deleted or changed (moved
+    aside whole with --overwrite; the records up to a resumed step are carried over)."""
+    from vlp import checkpoint, rundir, runlock
+
+    root = tmp_path_factory.mktemp("states")
+    run, other = root / "run", root / "other"
+    _make_state(run, state)
+    _make_state(other, {**state, "checkpoints": [5], "locked": False})
+    steps = sorted(state["checkpoints"])
+    resume = {"own": str(run / "checkpoints" / checkpoint.checkpoint_name(steps[0])) if steps
+              else "latest", "other": str(other / "checkpoints" / checkpoint.checkpoint_name(5)),
+              "bogus": str(root / "nowhere")}.get(state["resume"], state["resume"])  # fmt: skip
+    before, holds_run = _files(run), bool(steps or state["records"] or state["cut_record"])
+    holder = runlock.acquire(run, "holder") if state["locked"] else None
+    try:
+        lock, start = rundir.claim(run, resume, state["overwrite"], "vlp-train")
+        lock.release()
+    except (ConfigError, runlock.Busy) as err:
+        assert "\n" not in str(err) and str(err), err
+        assert _files(run) == before
+        return
+    finally:
+        if holder is not None:
+            holder.release()
+    assert not state["locked"]
+    if start.moved_to is not None:
+        assert state["overwrite"] and holds_run and _files(Path(start.moved_to)) == before
+    elif start.checkpoint is None:  # a fresh start never lands on a run's checkpoints
+        assert not steps and (resume == "latest" or not holds_run)
+        assert _files(run) == before
+    else:
+        assert _files(run) == before and Path(start.checkpoint).is_dir()
