@@ -14,6 +14,7 @@ from eval.datasets import EvalSet, open_eval_set
 from eval.errors import UsageError
 from eval.models import EvalModel, load_model
 from eval.options import EvalOptions
+from eval.report.captions import captioning_sections
 from eval.report.curves import eval_panels, plot_panels, read_metrics, training_panels
 from eval.report.figures import (
     RetrievalExample,
@@ -108,6 +109,14 @@ def _evaluation_sections(
         )  # fmt: skip
         results.append(result)
         figures.append(section)
+        captioned, sections = captioning_sections(model, dataset, output_dir, options, num_examples)
+        for result in captioned:  # a CoCa's captions of a retrieval set
+            write_result(
+                output_dir / "results" / f"{dataset.root.name}_{result.task}.json",
+                result, model.name, model.pretrained,
+            )  # fmt: skip
+        results += captioned
+        figures += sections
     for result in overall_results(results):  # the mean of several selection sets of a directory
         write_result(
             output_dir / "results" / f"{result.dataset.removeprefix('wds/')}_{result.task}.json",

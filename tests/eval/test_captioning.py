@@ -283,8 +283,8 @@ def checkpoint(tmp_path_factory):
     """A seeded tiny CoCa checkpoint (decoder projection initialised: vlp.model.new_clip)."""
     from safetensors.torch import save_file
 
-    directory = tmp_path_factory.mktemp("coca") / "step_000000001"
-    directory.mkdir()
+    directory = tmp_path_factory.mktemp("coca") / "checkpoints" / "step_000000001"
+    directory.mkdir(parents=True)
     register_model_configs()
     torch.manual_seed(0)
     state = {k: v.contiguous() for k, v in new_clip(MODEL).state_dict().items()}
@@ -355,3 +355,23 @@ def test_user_mistakes_are_one_line(checkpoint, tmp_path_factory, fails, monkeyp
     monkeypatch.setattr(shutil, "which", lambda name: None)
     err = fails("--checkpoint", checkpoint, *base, "--max-caption-tokens", 2)
     assert "captioning metrics need Java" in err and "default-jre-headless" in err
+
+
+def test_report_shows_generated_captions(checkpoint, tmp_path_factory, tmp_path, monkeypatch):
+    retrieval = demo_eval_sets(tmp_path_factory) / "retrieval"
+    run = checkpoint.parent.parent
+    args = ["report", run, "--dataset", retrieval, "--output", tmp_path / "report",
+            "--max-caption-tokens", "4", "--examples", "2"]  # fmt: skip
+    assert main([str(a) for a in args]) == 0
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "### wds/retrieval: generated captions" in report and "### captioning" in report
+    assert (tmp_path / "report" / "captions_retrieval.png").stat().st_size > 0
+    result = json.loads((tmp_path / "report" / "results" / "retrieval_captioning.json").read_text())
+    for example in result["details"]["examples"][:1]:
+        if example["key"] in report:  # the table lists the seeded choice of images
+            assert example["caption"] in report
+    assert report.count("| image | generated caption | references |") == 1
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # no Java: a note, not a failure
+    assert main([str(a) for a in args]) == 0
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "captions not generated: the captioning metrics need a Java runtime" in report
