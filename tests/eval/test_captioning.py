@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import shutil
+import subprocess
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -28,6 +32,7 @@ needs_java = pytest.mark.skipif(
     shutil.which("java") is None, reason="pycocoevalcap's PTB tokenizer needs Java"
 )
 MODEL = "vlp-tiny-coca"
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -189,6 +194,44 @@ def test_cached_cross_attention_equals_open_clip_forward(coca, images):
 def test_max_tokens_beyond_the_context_is_refused(coca, images, special):
     with pytest.raises(ValueError, match="exceeds the model's context"):
         generate(coca, images, special, GenerationConfig(max_tokens=31))
+
+
+PEER_PYTHON = Path(
+    os.environ.get("VLP_TRANSFORMERS4_PYTHON", REPO / "bench/.peers/transformers4/bin/python")
+)
+"""A Python whose open_clip can run CoCa.generate: transformers < 4.56 (docs/eval.md)."""
+OPEN_CLIP_GENERATE = """
+import json, sys, torch, open_clip
+from safetensors.torch import load_file
+open_clip.add_model_config(sys.argv[1])
+model = open_clip.create_model("vlp-tiny-coca")
+model.load_state_dict(load_file(sys.argv[2]))
+images, max_tokens = torch.load(sys.argv[3]), int(sys.argv[4])
+outs = [model.eval().generate(images, generation_type="top_k", top_k=1, seq_len=max_tokens + 2,
+                              min_seq_len=int(min_tokens) + 1).tolist()
+        for min_tokens in sys.argv[5:]]
+print(json.dumps(outs))
+"""
+
+
+@pytest.mark.skipif(not PEER_PYTHON.exists(), reason=f"no transformers<5 Python at {PEER_PYTHON}")
+@pytest.mark.slow
+def test_greedy_equals_open_clips_generate(coca, images, special, tmp_path):
+    """open_clip's top-k sampling with k = 1 (greedy), run where transformers allows it."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in coca.state_dict().items()}, tmp_path / "w.st")
+    torch.save(images, tmp_path / "images.pt")
+    args = [REPO / "configs/models", tmp_path / "w.st", tmp_path / "images.pt", 8, 0, 3]
+    done = subprocess.run(
+        [str(PEER_PYTHON), "-c", OPEN_CLIP_GENERATE, *map(str, args)],
+        capture_output=True, text=True, check=False, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    for min_tokens, rows in zip((0, 3), json.loads(done.stdout.splitlines()[-1]), strict=True):
+        theirs = [row[1 : row.index(special.end)] for row in rows]  # between start and end
+        config = GenerationConfig(max_tokens=8, min_tokens=min_tokens)
+        assert generate(coca, images, special, config) == theirs, min_tokens
 
 
 # ---- metrics: clip_benchmark's scoring path, fed the same captions and references
@@ -375,3 +418,35 @@ def test_report_shows_generated_captions(checkpoint, tmp_path_factory, tmp_path,
     assert main([str(a) for a in args]) == 0
     report = (tmp_path / "report" / "report.md").read_text()
     assert "captions not generated: the captioning metrics need a Java runtime" in report
+
+
+def test_training_evaluator_logs_scores_and_prints_captions(checkpoint, tmp_path_factory):
+    from eval.checkpoints import resolve_checkpoint
+    from eval.during_training import open_evaluators
+    from eval.models import load_model
+    from vlp.config import EvalConfig
+
+    retrieval = demo_eval_sets(tmp_path_factory) / "retrieval"
+    caption = GenerationConfig(max_tokens=4)
+    configs = {"cap": EvalConfig(dataset=str(retrieval), type="captioning", caption=caption)}
+    messages: list[str] = []
+    evaluators = open_evaluators(configs, 3, messages.append)
+    record = evaluators.run(3, load_model(resolve_checkpoint(checkpoint), "cpu"))
+    assert {"eval/cap/Bleu_4", "eval/cap/CIDEr", "eval/cap/ROUGE_L"} <= record.keys()
+    assert messages[0].startswith("eval cap at step 3: Bleu_4 ")
+    assert messages[1].startswith("  000000000: “") and "(references: a " in messages[1]
+
+
+def test_config_mistakes_in_caption_settings_name_the_key():
+    from vlp.config import ConfigError, load_config
+
+    base = ["data.train_shards=x.tar", "eval.c.dataset=sets/c", "eval.c.type=captioning"]
+    for override, message in (
+        ("eval.c.caption.num_beams=0", "eval.c.caption.num_beams: must be at least 1"),
+        ("eval.c.caption.method=sample", "eval.c.caption.method: must be greedy or beam"),
+        ("eval.c.probe.val_proportion=0", "eval.c.probe.val_proportion: must be in (0, 1)"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(None, [*base, override])
+    cfg = load_config(None, [*base, "eval.c.caption.method=beam", "eval.c.caption.num_beams=5"])
+    assert cfg.eval["c"].caption == GenerationConfig(method="beam", num_beams=5)
