@@ -1,10 +1,13 @@
-"""Reliability figures: SIGKILLs, full disks, corrupt shards, bad input and untrusted files.
+"""Reliability figures: SIGKILLs, full disks, corrupt shards, bad input, untrusted files, misuse.
 
     python bench/reliability.py [--kills 24] [--steps 40] [--per-kind 3] [--fuzz-examples 1000]
+                                [--sections misuse ...]
 
 The faults come from tests/reliability/faults.py, the same helpers the CI tests use at a smaller
 size; the bad-input, untrusted-file and eval-robustness groups run those test files with more
-fuzzed examples. Writes bench/results/reliability.json and prints a summary.
+fuzzed examples; the misuse trials (tests/reliability/misuse.py) misuse a run directory.
+Writes bench/results/reliability.json and prints a summary. `--sections` reruns only the named
+sections and keeps the others' figures from the existing results file.
 """
 
 from __future__ import annotations
@@ -29,8 +32,11 @@ import torch  # noqa: E402
 from bench._common import RESULTS, WORK, git_state, machine_info, write_results  # noqa: E402
 from data_tools.verify import verify  # noqa: E402
 from tests.reliability import faults  # noqa: E402
+from tests.reliability.misuse import misuse_trials  # noqa: E402
 
 OUT = RESULTS / "reliability.json"
+SECTIONS = ("kill_resume", "disk_full", "data_faults", "bad_input", "untrusted_files",
+            "eval_robustness", "misuse")  # fmt: skip
 
 
 def kill_resume(work: Path, kills: int, steps: int, seed: int) -> dict:
@@ -164,6 +170,12 @@ def data_faults(work: Path, per_kind: int) -> dict:
     }  # fmt: skip
 
 
+def misuse(work: Path, steps: int) -> dict:
+    shards = faults.demo_shards(work / "shards")
+    trials = [asdict(t) for t in misuse_trials(shards, work, steps)]
+    return {"steps": steps, "trials": trials}
+
+
 def pytest_group(work: Path, name: str, targets: list[str], env: dict[str, str]) -> dict:
     """Run test files (the same as CI, possibly with more examples); count cases by outcome."""
     report = work / f"{name}.xml"
@@ -186,6 +198,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--readme", action="store_true",
                         help=f"only rewrite README's table from {OUT.name}")  # fmt: skip
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                        help=f"run these; the others keep their figures in {OUT.name}")  # fmt: skip
     args = parser.parse_args()
     if args.readme:
         write_readme(json.loads(OUT.read_text()))
@@ -194,21 +208,11 @@ def main() -> int:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     started = time.monotonic()
-    sections = {
-        "kill_resume": kill_resume(work / "kill", args.kills, args.steps, args.seed),
-        "disk_full": disk_full(work / "disk", 8),
-        "data_faults": data_faults(work / "data", args.per_kind),
-    }
-    env = {"VLP_FUZZ_EXAMPLES": str(args.fuzz_examples), "PYTHONPATH": str(faults.REPO)}
-    sections["bad_input"] = pytest_group(
-        work, "bad_input", ["tests/reliability/test_bad_input_fuzz.py"], env
-    )
-    sections["untrusted_files"] = pytest_group(
-        work, "untrusted", ["tests/reliability/test_untrusted_files.py"], env
-    )
-    sections["eval_robustness"] = pytest_group(
-        work, "eval", ["tests/eval/test_eval_bad_input.py"], env
-    )
+    previous = json.loads(OUT.read_text()) if OUT.exists() else {}
+    kept = [name for name in SECTIONS if name not in args.sections and name in previous]
+    sections = {name: previous[name] for name in kept}
+    sections.update(run_sections(work, args))
+    sections = {name: sections[name] for name in SECTIONS if name in sections}
     summary = summarise(sections)
     payload = {
         "benchmark": "reliability",
@@ -216,6 +220,9 @@ def main() -> int:
         "git": git_state(),
         "machine": {**machine_info(), "note": "shared with other jobs; timings are indicative"},
         "settings": vars(args),
+        "kept_from": {"sections": kept, "commit": previous.get("git", {}).get("commit")}
+        if kept
+        else None,
         "summary": summary,
         "seconds": round(time.monotonic() - started, 1),
         **sections,
@@ -226,6 +233,22 @@ def main() -> int:
         print(f"{key:<28} {value}")
     print(f"wrote {OUT.relative_to(faults.REPO)}")
     return 0 if summary["all_passed"] else 1
+
+
+def run_sections(work: Path, args) -> dict:
+    runs = {
+        "kill_resume": lambda: kill_resume(work / "kill", args.kills, args.steps, args.seed),
+        "disk_full": lambda: disk_full(work / "disk", 8),
+        "data_faults": lambda: data_faults(work / "data", args.per_kind),
+        "misuse": lambda: misuse(work / "misuse", 6),
+    }
+    env = {"VLP_FUZZ_EXAMPLES": str(args.fuzz_examples), "PYTHONPATH": str(faults.REPO)}
+    tests = {"bad_input": ["tests/reliability/test_bad_input_fuzz.py"],
+             "untrusted_files": ["tests/reliability/test_untrusted_files.py"],
+             "eval_robustness": ["tests/eval/test_eval_bad_input.py"]}  # fmt: skip
+    for name, targets in tests.items():
+        runs[name] = lambda name=name, targets=targets: pytest_group(work, name, targets, env)
+    return {name: runs[name]() for name in args.sections}
 
 
 README = faults.REPO / "README.md"
@@ -268,6 +291,12 @@ def readme_table(p: dict) -> str:
          groups["untrusted_files"] + " (no payload ran, nothing written outside)"),
         ("eval: wrong `--model`, missing classnames, empty split, ...", "",
          groups["eval_robustness"]),
+        ("misuse: a fresh start on a finished run, a resume with a changed data stream or "
+         "changed settings, a second writer meanwhile, `--overwrite`",
+         f"{len(p['misuse']['trials'])} trials",
+         f"as documented: {summary['misuse_as_documented']} (refused or warned in one line; "
+         f"`--overwrite` moved the old run aside); records lost: {summary['records_lost']}, "
+         f"checkpoints lost: {summary['checkpoints_lost']}"),
     ]  # fmt: skip
     lines = ["| Fault | Injected | Outcome |", "| --- | --- | --- |"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
@@ -275,13 +304,18 @@ def readme_table(p: dict) -> str:
     lines.append(
         f"\nTrials: {trials['kill_resume_starts']} starts of the killed run, "
         f"{trials['disk_full_runs']} disk-full runs, {trials['data_fault_passes']} data-fault "
-        f"pass, {trials['input_and_file_cases']} input and file cases. Runs completed: "
+        f"pass, {trials['input_and_file_cases']} input and file cases, "
+        f"{trials['misuse_trials']} misuse trials. Runs completed: "
         f"**{summary['runs_completed']}/{summary['runs_started']}**."
     )
+    kept = p.get("kept_from") or {}
+    earlier = (f" ({', '.join(n for n in SECTIONS if n not in kept['sections'])}; the others "
+               f"from commit {(kept['commit'] or '?')[:10]})") if kept else ""  # fmt: skip
     lines.append(
         f"Samples lost: **{summary['samples_lost']}**. Checkpoints corrupted: "
-        f"**{summary['checkpoints_corrupted']}**. Commit {p['git'].get('commit', '?')[:10]}, "
-        f"{p['machine']['cores']} shared CPU cores."
+        f"**{summary['checkpoints_corrupted']}**. Records lost: **{summary['records_lost']}**. "
+        f"Commit {p['git'].get('commit', '?')[:10]}{earlier}, {p['machine']['cores']} shared "
+        "CPU cores."
     )
     return "\n".join(lines) + "\n"
 
@@ -289,6 +323,7 @@ def readme_table(p: dict) -> str:
 def summarise(s: dict) -> dict:
     kill, disk, data = s["kill_resume"], s["disk_full"]["trials"], s["data_faults"]
     ran_disk = [t for t in disk if "skipped" not in t]
+    misused = s["misuse"]["trials"]
     groups = [s["bad_input"], s["untrusted_files"], s["eval_robustness"]]
     injected = {f"data: {k}": n for k, n in data["injected_by_kind"].items()}
     summary = {
@@ -297,6 +332,7 @@ def summarise(s: dict) -> dict:
             "disk_full_runs": len(ran_disk),
             "data_fault_passes": 1,
             "input_and_file_cases": sum(g["tests"] for g in groups),
+            "misuse_trials": len(misused),
         },
         "faults_injected_by_kind": {
             "SIGKILL": kill["kills"],
@@ -313,6 +349,9 @@ def summarise(s: dict) -> dict:
         "checkpoints_corrupted": len(kill["corrupt_latest"])
         + sum(len(t["latest_problems"]) for t in ran_disk),
         "disk_full_clean_stops": f"{sum(t['clean'] for t in ran_disk)}/{len(ran_disk)}",
+        "misuse_as_documented": f"{sum(t['as_documented'] for t in misused)}/{len(misused)}",
+        "records_lost": sum(t["records_lost"] for t in misused),
+        "checkpoints_lost": sum(t["checkpoints_lost"] for t in misused),
         "skip_counts_match": data["training"]["matches"] and data["verify"]["matches"]
         and data["reshard"]["matches"],
         "cases_bad_input_untrusted_eval": {
@@ -327,6 +366,7 @@ def summarise(s: dict) -> dict:
         and summary["samples_lost"] == 0 and summary["checkpoints_corrupted"] == 0
         and all(t["clean"] and t["resumed"] for t in ran_disk) and summary["skip_counts_match"]
         and all(g["failures"] == g["errors"] == 0 for g in groups)
+        and all(t["as_documented"] for t in misused)
     )  # fmt: skip
     return summary
 
