@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_tools.sources import demo
 
 # sha256sum lines of every file `vlp-shard demo OUT` writes under OUT/eval with the default
 # --image-size 64 and --eval-samples 1000 (the `*_stats.json` files hold timings, so they vary)
@@ -67,14 +66,3 @@ def test_no_training_image_is_an_eval_image_or_a_near_copy(demo_dir):
     # a JPEG round trip of one image moves pixels by about 1-2 levels RMS; independent
     # textured backgrounds differ by far more, so 8 levels separates copies from new scenes
     assert nearest_rms.min() > 8, f"eval image {nearest_rms.argmin()} has a training near-copy"
-
-
-def test_training_mixes_one_object_scenes_with_busier_ones():
-    source = demo.DemoSource(400, image_size=32, seed=0)
-    counts = np.array([source.read(i).meta["num_objects"] for i in range(len(source))])
-    single = (counts == 1).mean()
-    # one-object scenes: the SINGLE_FRACTION share plus a quarter of the rest (1-4 uniformly)
-    expected = demo.SINGLE_FRACTION + (1 - demo.SINGLE_FRACTION) / 4
-    assert abs(single - expected) < 0.07
-    assert set(counts) == {1, 2, 3, 4}
-    assert demo.DemoSource(10, single_fraction=0.0).describe()["single_fraction"] == 0.0

@@ -64,11 +64,6 @@ SHAPE_TEMPLATES: tuple[str, ...] = (
 
 _VERSION = 1
 """Bump when the generator's output changes, so old shards no longer match `describe()`."""
-_TRAIN_VERSION = 2
-"""The training scenes' own version (2: the one-object share); the eval sets keep _VERSION."""
-SINGLE_FRACTION = 0.5
-"""Share of training scenes with one object, as in eval/shapes: a batch of such scenes can only
-be told apart by shape as well as colour, which is what makes the model learn shapes at all."""
 _MAX_OBJECTS = len(POSITIONS)
 _NUMBERS = ("one", "two", "three", "four")
 _SIZE_FRACTION = {"small": (0.38, 0.48), "large": (0.74, 0.84)}
@@ -181,13 +176,6 @@ def _random_objects(rng: np.random.Generator) -> list[_Object]:
         )
         for cell, kind, size in zip(cells, kinds, sizes, strict=True)
     ]
-
-
-def _training_objects(rng: np.random.Generator, single_fraction: float) -> list[_Object]:
-    """One object of any kind with probability `single_fraction`, else `_random_objects`."""
-    if rng.random() >= single_fraction:
-        return _random_objects(rng)
-    return [_one_object(rng, SHAPES[rng.integers(len(SHAPES))])]
 
 
 def _one_object(rng: np.random.Generator, shape: str) -> _Object:
@@ -328,11 +316,8 @@ class _Scene:
     long: list[str]
 
 
-def _scene(
-    rng: np.random.Generator, image_size: int, objects: list[_Object] | None = None
-) -> _Scene:
-    """The scene of `objects` (default: 1-4 random ones, as the retrieval sets draw them)."""
-    objects = _random_objects(rng) if objects is None else objects
+def _scene(rng: np.random.Generator, image_size: int) -> _Scene:
+    objects = _random_objects(rng)
     image = _render(objects, image_size, rng)
     return _Scene(image, objects, _raw_caption(objects, rng), _long_captions(objects, rng))
 
@@ -379,22 +364,12 @@ class DemoSource(_Generated):
 
     kind = "demo"
 
-    def __init__(
-        self,
-        num_samples: int,
-        image_size: int = 64,
-        seed: int = 0,
-        split: str = "train",
-        single_fraction: float = SINGLE_FRACTION,
-    ):
+    def __init__(self, num_samples: int, image_size: int = 64, seed: int = 0, split: str = "train"):
         super().__init__(num_samples, image_size, seed, f"demo/{split}")
-        if not 0 <= single_fraction <= 1:
-            raise UsageError(f"single_fraction must be in [0, 1], got {single_fraction}")
-        self.split, self.single_fraction = split, single_fraction
+        self.split = split
 
     def read(self, index: int) -> RawSample:
-        rng = self._rng(index)
-        scene = _scene(rng, self.image_size, _training_objects(rng, self.single_fraction))
+        scene = _scene(self._rng(index), self.image_size)
         meta = {
             "raw": scene.raw,
             "long": scene.long,
@@ -404,12 +379,7 @@ class DemoSource(_Generated):
         return RawSample(image=scene.image, caption=scene.raw, meta=meta)
 
     def describe(self) -> dict[str, Any]:
-        return {
-            **super().describe(),
-            "version": _TRAIN_VERSION,
-            "split": self.split,
-            "single_fraction": self.single_fraction,
-        }
+        return {**super().describe(), "split": self.split}
 
     def locate(self, index: int) -> str:
         return f"demo {self.split} item {index} (seed {self.seed})"
@@ -471,13 +441,3 @@ class RetrievalEvalSource(_Generated):
     def describe(self) -> dict[str, Any]:
         view = {} if self.captions == "all" else {"captions": self.captions}
         return {**super().describe(), **view}
-
-
-class ShapesTrainSource(ShapesEvalSource):
-    """The shapes set's train/ split for the linear probe: items like the test split's, drawn
-    from their own random stream, so they are held out from the test split and from training."""
-
-    kind = "demo_shapes_train"
-
-    def __init__(self, num_samples: int, image_size: int = 64, seed: int = 0):
-        _Generated.__init__(self, num_samples, image_size, seed, "eval/shapes/train")
