@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-
 # sha256sum lines of every file `vlp-shard demo OUT` writes under OUT/eval with the default
 # --image-size 64 and --eval-samples 1000 (the `*_stats.json` files hold timings, so they vary)
 HASHES_FILE = Path(__file__).parent / "data" / "demo_eval_sets.sha256"

@@ -96,7 +96,8 @@ def _train(launcher: list[str], shards: str, run_dir: Path, *extra: str) -> dict
     assert result.returncode == 0, result.stderr[-3000:]
     final = run_dir / "checkpoints" / f"step_{STEPS:09d}"
     meta = json.loads((final / "meta.json").read_text())
-    return {"weights": load_file(final / "model.safetensors"), "meta": meta}
+    log = result.stdout + result.stderr
+    return {"weights": load_file(final / "model.safetensors"), "meta": meta, "log": log}
 
 
 def _accelerate(config: str, processes: int, port: int) -> list[str]:
@@ -134,6 +135,8 @@ def test_single_gpu_config_trains_as_plain_python_does(shards, tmp_path):
     reference = _train([sys.executable], shards, tmp_path / "python" / "run")
     launched = _train(_accelerate("single_gpu.yaml", 1, 29565), shards, tmp_path / "one" / "run")
     assert launched["meta"]["data"]["stream"]["processes"] == 1
+    # accelerate launch sets OMP_NUM_THREADS=1; the run still uses every core it may run on
+    assert f"; {len(os.sched_getaffinity(0))} CPU threads" in launched["log"]
     _assert_same(launched, reference)
 
 
