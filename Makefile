@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= data/demo
 WORKERS ?= 2
+DEMO_EVAL = $(DEMO_DIR)/eval/shapes $(DEMO_DIR)/eval/retrieval \
+	$(addprefix $(DEMO_DIR)/eval/binding/,swap_attribute swap_position replace_object)
 
 .DEFAULT_GOAL := help
 .PHONY: help setup demo test bench studies bench-gpu bench-reliability lint format clean
@@ -25,10 +27,9 @@ demo: $(STAMP) ## build the demo shards, train the demo CoCa, evaluate it, write
 	$(PY) -m data_tools demo $(DEMO_DIR) --workers $(WORKERS)
 	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no \
 		--dynamo_backend no vlp/train.py
-	$(PY) -m eval --checkpoint runs/demo --dataset $(DEMO_DIR)/eval/shapes \
-		$(DEMO_DIR)/eval/retrieval --output runs/demo/eval
-	$(PY) -m eval report runs/demo --dataset $(DEMO_DIR)/eval/shapes $(DEMO_DIR)/eval/retrieval
-	@echo "demo shards: $(DEMO_DIR)/train  eval sets: $(DEMO_DIR)/eval/{shapes,retrieval}"
+	$(PY) -m eval --checkpoint runs/demo --dataset $(DEMO_EVAL) --output runs/demo/eval
+	$(PY) -m eval report runs/demo --dataset $(DEMO_EVAL)
+	@echo "demo shards: $(DEMO_DIR)/train  eval sets: $(DEMO_DIR)/eval/{shapes,retrieval,binding/*}"
 	@echo "demo run:    runs/demo (config.yaml, metrics.jsonl, history.jsonl, checkpoints/, eval/, report/)"
 	@echo "report:      runs/demo/report/report.md"
 

@@ -417,6 +417,9 @@ class Trainer:
         if visual_lr is not None:
             totals["lr_visual"] = visual_lr
         totals["logit_scale"] = model.logit_scale.detach().exp()
+        bias = getattr(model.clip, "logit_bias", None)  # SigLIP models only
+        if bias is not None:
+            totals["logit_bias"] = bias.detach()
         if model.patch_emb:
             totals["logit_scale_local"] = model.logit_scale_local.detach().exp()
         if model.has_heads:
