@@ -17,7 +17,8 @@ import pytest
 import yaml
 from scipy import stats
 
-from vlp.study.cli import main
+from vlp import runlock
+from vlp.study.cli import LOCK_NAME, main
 from vlp.study.report import ONE_SEED, estimate_cell
 from vlp.study.spec import load_study
 from vlp.study.stats import mean_interval, paired_difference
@@ -123,6 +124,18 @@ def test_a_directory_that_is_not_this_studys_is_refused(tmp_path, capsys):
     (tmp_path / "out" / "something").write_text("")
     assert main([str(_write_study(tmp_path)), "--dry-run"]) == 2
     assert "holds no plan.json, so it is not this study's directory" in capsys.readouterr().err
+
+
+def test_a_study_directory_in_use_is_refused_with_one_line(tmp_path, capsys):
+    eval_set = tmp_path / "set"
+    eval_set.mkdir()
+    (eval_set / "dataset_type.txt").write_text("classification\n")
+    study = _write_study(tmp_path, eval={"shapes": {"dataset": str(eval_set)}})
+    with runlock.acquire(tmp_path / "out", "vlp-study", LOCK_NAME):
+        assert main([str(study)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "is in use by vlp-study (pid" in err, err
+    assert not (tmp_path / "out" / "plan.json").exists()
 
 
 def test_groups_multiply_and_runs_go_seed_by_seed(tmp_path):

@@ -17,10 +17,12 @@ import sys
 import time
 from pathlib import Path
 
+from vlp import runlock
 from vlp.data import format as fmt
 from vlp.study.spec import Study, StudyError, load_study
 
 PROG = "vlp-study"
+LOCK_NAME = "study"
 PLAN_FILE = "plan.json"
 STUDY_JSON, STUDY_MD = "study.json", "study.md"
 
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             return list_runs(study)
         return run_study(study, args.jobs, started)
-    except StudyError as err:
+    except (StudyError, runlock.Busy) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -79,7 +81,10 @@ def check_record(study: Study) -> None:
                 f"{study.path}: changed since {study.output_dir} was started ({what} differ); "
                 f"restore it, or pass --output NEW_DIR for a new study"
             )
-    elif study.output_dir.exists() and any(study.output_dir.iterdir()):
+    elif study.output_dir.exists() and any(
+        path != runlock.lock_path(study.output_dir, LOCK_NAME)
+        for path in study.output_dir.iterdir()
+    ):
         raise StudyError(
             f"{study.output_dir}: exists but holds no {PLAN_FILE}, so it is not this study's "
             "directory; pass --output NEW_DIR"
@@ -97,14 +102,24 @@ def list_runs(study: Study) -> int:
 
 
 def run_study(study: Study, jobs: int, started: float) -> int:
-    from vlp.study import report, results, runner
+    from vlp.study import results, runner
 
     code = runner.run_prepare(study, say)
     if code != 0:
         return 2 if code == 2 else 1
     check_eval_sets(study)
-    study.output_dir.mkdir(parents=True, exist_ok=True)
-    results.write_json(study.output_dir / PLAN_FILE, study.record)
+    # one vlp-study per study directory (each run locks its own run directory too); the lock
+    # fd is close-on-exec, so the training processes never hold it
+    advice = "wait for it to finish, or pass --output NEW_DIR"
+    with runlock.acquire(study.output_dir, PROG, LOCK_NAME, advice):
+        check_record(study)  # again, now that no other vlp-study can write it
+        results.write_json(study.output_dir / PLAN_FILE, study.record)
+        return _train_and_report(study, jobs, started)
+
+
+def _train_and_report(study: Study, jobs: int, started: float) -> int:
+    from vlp.study import report, results, runner
+
     threads = max(1, runner.cpu_cores() // jobs)
     pending = runner.plan_jobs(study, threads)
     done = len(study.runs) - len(pending)
