@@ -1,4 +1,5 @@
-"""Training throughput and loss: `vlp/train.py` vs open_clip's own trainer on the same tiny models.
+"""Training throughput and loss: `accelerate launch vlp/train.py` (the command the README
+documents) vs open_clip's own trainer on the same tiny models.
 
 BENCHMARKS.md section 1. Both tools train the same open_clip model config (configs/models:
 vlp-small-clip, vlp-small-coca) on the same demo shards with the same global batch, number of
@@ -376,8 +377,14 @@ def is_coca(model: str) -> bool:
 def vlp_command(job: Job, s: Settings, out: Path) -> list[str]:
     steps = job.samples // s.batch_size
     caption = s.caption_weight if is_coca(job.model) else 0.0
+    # the command the README documents (its second interpreter and the launcher's
+    # OMP_NUM_THREADS=1 included), not a friendlier `python vlp/train.py`
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    precision = "bf16" if job.precision == "bf16" else "no"
     return [
-        sys.executable, "vlp/train.py", "--config", str(base_config()),
+        accelerate, "launch", "--num_processes", "1", "--num_machines", "1",
+        "--mixed_precision", precision, "--dynamo_backend", "no",
+        "vlp/train.py", "--config", str(base_config()),
         f"model.name={job.model}",
         f"data.train_shards={shard_pattern(s)}",
         f"data.batch_size={s.batch_size}", f"data.workers={s.vlp_workers}",
