@@ -65,6 +65,11 @@ class NonFiniteLoss(FloatingPointError):
     pass
 
 
+class _WorkersGone(Exception):
+    """After a stop request, the step's batch could not be read: a launcher or scheduler
+    terminated the data workers along with this process."""
+
+
 class Trainer:
     """Builds everything from the config, then `train()` runs the loop to `train.steps`."""
 
@@ -361,14 +366,12 @@ class Trainer:
     def _step_unless_workers_gone(self, batches) -> tuple[dict[str, Any], float]:
         """train_step; but if a launcher terminated the data workers with this process after a
         stop request (accelerate launch and SLURM signal every descendant) and the step lacks
-        a batch, stop at the last complete step (one process: ranks would disagree)."""
+        a batch, stop at the last complete step."""
         positions = dict(self.positions)
         try:
             return self.train_step(batches)
-        except RuntimeError as err:
-            gone = self.stops.signum and "DataLoader worker" in str(err)
-            if not gone or distributed.world_size() > 1:
-                raise
+        except _WorkersGone:
+            pass
         self.positions = positions  # the failed step's batches were never trained
         self.optimizer.zero_grad(set_to_none=True)
         self._stop(self.stops.signum)
@@ -474,7 +477,13 @@ class Trainer:
     def _next(self, batches) -> tuple[Batch, float]:
         """The next batch, the seconds spent waiting for it; records its data position."""
         started = time.perf_counter()
-        batch: Batch = next(batches)
+        try:
+            batch: Batch = next(batches)
+        except (RuntimeError, EOFError, ConnectionError):
+            # a dead worker: "exited unexpectedly", or its prefetched batch's shared memory gone
+            if not self.stops.signum or distributed.world_size() > 1:  # ranks would disagree
+                raise
+            raise _WorkersGone from None
         self.positions[batch.worker] = batch.position
         return batch, time.perf_counter() - started
 
