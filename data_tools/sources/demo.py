@@ -441,3 +441,13 @@ class RetrievalEvalSource(_Generated):
     def describe(self) -> dict[str, Any]:
         view = {} if self.captions == "all" else {"captions": self.captions}
         return {**super().describe(), **view}
+
+
+class ShapesTrainSource(ShapesEvalSource):
+    """The shapes set's train/ split for the linear probe: items like the test split's, drawn
+    from their own random stream, so they are held out from the test split and from training."""
+
+    kind = "demo_shapes_train"
+
+    def __init__(self, num_samples: int, image_size: int = 64, seed: int = 0):
+        _Generated.__init__(self, num_samples, image_size, seed, "eval/shapes/train")
