@@ -1,10 +1,11 @@
 """Caption generation for open_clip CoCa models: greedy and beam search.
 
-open_clip 3.3's `CoCa.generate` needs transformers < 5 (its beam search imports
-`BeamSearchScorer`, which transformers 5 removed), so vlp decodes itself, over open_clip's own
-modules: the image tower and the cross-attention keys and values once per image, then per step
-the causal text tower and decoder on the prefix, and the vocabulary projection at the last
-position only. Every image of a batch decodes at once; images whose caption has ended drop out.
+open_clip 3.3's `CoCa.generate` imports transformers' `BeamSearchScorer`, which transformers
+4.56 and later (vlp runs 5.x) no longer have, so it refuses to run. vlp decodes itself, over
+open_clip's own modules: the image tower and the cross-attention keys and values once per image,
+then per step the causal text tower and decoder on the prefix, and the vocabulary projection at
+the last position only. Every image of a batch decodes at once; images whose caption has ended
+drop out.
 
 A caption is the tokens between the start token and the first end token. `max_tokens` caps
 them (the end token is forced after that many), `min_tokens` forbids the end token before, and
@@ -64,7 +65,7 @@ class _Steps:
 
     def __init__(self, model: nn.Module, images: Tensor):
         self.model = model
-        self.num_images = images.shape[0]
+        self.num_images, self.device = images.shape[0], images.device
         image_tokens = model._encode_image(images, normalize=False)[1]  # (B, I, W)
         decoder = model.text_decoder
         if not decoder.batch_first:
@@ -147,8 +148,8 @@ def forbid(logits: Tensor, prefixes: Tensor, special: SpecialTokens, config: Gen
 def _greedy(steps: _Steps, special: SpecialTokens, config: GenerationConfig) -> list[list[int]]:
     """The most likely allowed token at each step, until the end token or max_tokens."""
     captions: list[list[int]] = [[] for _ in range(steps.num_images)]
-    alive = torch.arange(steps.num_images)  # images still decoding
-    prefixes = torch.full((steps.num_images, 1), special.start, dtype=torch.long)
+    alive = torch.arange(steps.num_images, device=steps.device)  # images still decoding
+    prefixes = torch.full((steps.num_images, 1), special.start, device=steps.device)
     for _ in range(config.max_tokens):
         logits = forbid(steps.logits(prefixes), prefixes, special, config)
         chosen = logits.argmax(dim=1)  # (A,)
@@ -191,10 +192,11 @@ def _beam(steps: _Steps, special: SpecialTokens, config: GenerationConfig) -> li
     """
     beams = config.num_beams
     finished = [_Finished(beams, []) for _ in range(steps.num_images)]
-    alive = torch.arange(steps.num_images)
-    prefixes = torch.full((steps.num_images * beams, 1), special.start, dtype=torch.long)
+    device = steps.device
+    alive = torch.arange(steps.num_images, device=device)
+    prefixes = torch.full((steps.num_images * beams, 1), special.start, device=device)
     # one live beam per image at first: identical copies would crowd out other candidates
-    scores = torch.full((steps.num_images, beams), -math.inf)
+    scores = torch.full((steps.num_images, beams), -math.inf, device=device)
     scores[:, 0] = 0
     for step in range(config.max_tokens + 1):
         logits = forbid(steps.logits(prefixes), prefixes, special, config)  # (A * K, V)
@@ -213,14 +215,10 @@ def _beam(steps: _Steps, special: SpecialTokens, config: GenerationConfig) -> li
         # the first K candidates that do not end (there are at least K among 2K)
         keep = (token == special.end).int().argsort(dim=1, stable=True)[:, :beams]
         scores, source, token = top.gather(1, keep), source.gather(1, keep), token.gather(1, keep)
-        parents = (torch.arange(len(alive))[:, None] * beams + source).flatten()
+        parents = (torch.arange(len(alive), device=device)[:, None] * beams + source).flatten()
         prefixes = torch.cat([prefixes[parents], token.flatten()[:, None]], dim=1)
-        going = torch.tensor(
-            [
-                not finished[int(i)].settled(float(s) / length)
-                for i, s in zip(alive, scores[:, 0], strict=True)
-            ]
-        )
+        best = zip(alive.tolist(), (scores[:, 0] / length).tolist(), strict=True)
+        going = torch.tensor([not finished[i].settled(s) for i, s in best], device=device)
         if step == config.max_tokens or not going.any():
             break
         alive, scores = alive[going], scores[going]
