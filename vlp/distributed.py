@@ -34,6 +34,13 @@ def local_processes() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
+def cpu_cores() -> int:
+    """The cores this process may run on (its affinity on Linux)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def cpu_threads(requested: int) -> int:
     """torch's intra-op threads for one CPU process: `requested`, or with 0 this process's
     cores ÷ the processes on this node.
@@ -43,11 +50,7 @@ def cpu_threads(requested: int) -> int:
     """
     if requested:
         return requested
-    if hasattr(os, "sched_getaffinity"):  # Linux: the cores this process may run on
-        cores = len(os.sched_getaffinity(0))
-    else:
-        cores = os.cpu_count() or 1
-    return max(1, cores // local_processes())
+    return max(1, cpu_cores() // local_processes())
 
 
 def configure_engine(accelerator, micro_batch: int, grad_accum: int, grad_clip: float) -> None:

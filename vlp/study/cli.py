@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from vlp import runlock
+from vlp import distributed, runlock
 from vlp.data import format as fmt
 from vlp.study.spec import Study, StudyError, load_study
 
@@ -120,7 +120,7 @@ def run_study(study: Study, jobs: int, started: float) -> int:
 def _train_and_report(study: Study, jobs: int, started: float) -> int:
     from vlp.study import report, results, runner
 
-    threads = max(1, runner.cpu_cores() // jobs)
+    threads = max(1, distributed.cpu_cores() // jobs)
     pending = runner.plan_jobs(study, threads)
     done = len(study.runs) - len(pending)
     say(f"{len(study.runs)} runs, {done} finished before; {jobs} at once, {threads} threads each")

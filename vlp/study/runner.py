@@ -45,13 +45,6 @@ def score_path(run: Run, name: str) -> Path:
     return run.run_dir / SCORES_DIR / f"{name}.json"
 
 
-def cpu_cores() -> int:
-    """The cores this process may use (its affinity on Linux)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 @dataclass
 class Job:
     """A run's remaining commands: its training (unless finished), then missing scores."""
