@@ -18,7 +18,7 @@ from tests.distributed_reference import CAPTIONS, backward_and_grads
 from tests.distributed_reference import batch as reference_batch
 from vlp import distributed
 from vlp.config import load_config
-from vlp.episodes import Bank, Clustering, EpisodeState, build_state
+from vlp.episode_state import Bank, Clustering, EpisodeState, build_state
 from vlp.model import VLPModel, new_clip, register_model_configs
 from vlp.objectives import WeightedObjective
 from vlp.prototypes import back_translate
@@ -55,7 +55,7 @@ def build(state: EpisodeState):
     overrides = [f"objectives.{name}.weight={w}" for name, w in weights.items()]
     cfg = load_config(None, ["data.train_shards=x", *overrides])
     objective = WeightedObjective(cfg.objectives)
-    objective.set_episode(state)
+    objective.set_state(state)
     return model, objective
 
 

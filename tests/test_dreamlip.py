@@ -519,7 +519,7 @@ def test_dreamlip_configs_load_with_both_terms_on(name):
 
 
 def test_training_steps_log_both_terms_and_the_grouping_temperature(tmp_path):
-    from vlp.train import Trainer
+    from vlp.trainer import Trainer
 
     pattern = _shards(tmp_path)
     cfg = load_config(

@@ -30,7 +30,8 @@ from tests.conftest import NO_DEMO_EVAL, run_two_processes
 from vlp.checkpoint import open_clip_weights
 from vlp.config import ConfigError, TrainConfig, load_config
 from vlp.data.pipeline import SampleDecoder
-from vlp.episodes import Bank, Clustering, EpisodePlan, FeatureStream, build_state, feature_pass
+from vlp.episode_state import Bank, Clustering, FeatureStream, build_state, feature_pass
+from vlp.episodes import EpisodePlan
 from vlp.model import VLPModel, new_clip, register_model_configs
 from vlp.objectives import WeightedObjective
 from vlp.objectives.contrastive import clip_loss
@@ -211,7 +212,7 @@ def test_the_prototype_term_scores_each_row_by_its_keys_labels():
     out = model(torch.randn(5, 3, 32, 32), _tokens(5))
     keys = ["k7", "k0", "k11", "k3", "k7"]  # any order, repeats allowed
     objective = _objective("objectives.contrastive.weight=0")
-    objective.set_episode(state)
+    objective.set_state(state)
     loss, logs = objective(out, SimpleNamespace(keys=keys))
     rows = torch.tensor([7, 0, 11, 3, 7])
     expected = crosswise_loss(
@@ -241,11 +242,11 @@ def test_outside_clustering_episodes_the_total_is_the_contrastive_loss_bit_exact
     batch = SimpleNamespace(keys=[f"k{i}" for i in range(6)])
     plain = WeightedObjective(load_config(None, ["data.train_shards=x"]).objectives)
     episodic = _objective("objectives.prototype_external.weight=1")
-    episodic.set_episode(None)
+    episodic.set_state(None)
     (total, logs), (reference_total, _) = episodic(out, batch), plain(out, batch)
     assert torch.equal(total, reference_total) and "loss/prototype" not in logs
     with_prototypes = _objective()
-    with_prototypes.set_episode(_state())
+    with_prototypes.set_state(_state())
     assert not torch.equal(with_prototypes(out, SimpleNamespace(keys=["k1"] * 6))[0], total)
 
 

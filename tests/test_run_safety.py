@@ -228,7 +228,8 @@ def test_a_pca_wider_than_an_episode_is_one_line_at_start_up_and_at_clustering(t
     import torch
 
     from vlp.data.shards import DataError
-    from vlp.episodes import Bank, Clustering, EpisodePlan, Teacher, build_state
+    from vlp.episode_state import Bank, Clustering, Teacher, build_state
+    from vlp.episodes import EpisodePlan
 
     teacher = ["objectives.prototype_external.weight=1"]
     EpisodePlan.from_config(_episode_config(tmp_path, *teacher, "objectives.prototype_"

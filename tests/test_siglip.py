@@ -58,7 +58,7 @@ def test_the_paper_init_and_a_model_without_bias_is_a_config_error():
     register_model_configs()
     plain = VLPModel(new_clip("vlp-tiny-clip"))
     with pytest.raises(ConfigError, match="objectives.siglip needs a model with a learnable"):
-        objective.prepare_model(plain)
+        objective.check_model(plain)
     cfg = load_config(None, ["data.train_shards=x", "objectives.siglip.weight=1"])
     assert "siglip" in WeightedObjective(cfg.objectives).terms
     with pytest.raises(ConfigError, match="objectives.siglip.max_logit_scale: must be at least"):

@@ -17,8 +17,9 @@ from safetensors.torch import load_file
 from eval.during_training import isolated, open_evaluators
 from eval.tasks import AUTO, TASKS
 from tests.eval.evalkit import write_eval_set
-from vlp import train
+from vlp.cli import check_demo_shards
 from vlp.config import EVAL_TYPES, ConfigError, EvalConfig, load_config
+from vlp.data.shards import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -134,18 +135,12 @@ def demo(tmp_path_factory) -> Path:
     return out
 
 
-def test_demo_shards_are_rebuilt_when_a_demo_eval_set_is_missing(demo, monkeypatch):
-    built = []
-    monkeypatch.setattr(train.subprocess, "run", lambda cmd: built.append(cmd) or _done(cmd))
+def test_a_missing_demo_eval_set_is_refused_with_the_command_that_builds_it(demo):
     shards = f"data.train_shards={demo}/train/{{00000..00003}}.tar"
-    train.ensure_demo_shards(load_config(None, [shards, f"eval.s.dataset={demo}/eval/shapes"]))
-    assert built == []
-    train.ensure_demo_shards(load_config(None, [shards, f"eval.s.dataset={demo}/eval/lost"]))
-    assert built == [[sys.executable, "-m", "data_tools", "demo", str(demo)]]
-
-
-def _done(command: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.CompletedProcess(command, 0)
+    check_demo_shards(load_config(None, [shards, f"eval.s.dataset={demo}/eval/shapes"]))
+    lost = load_config(None, [shards, f"eval.s.dataset={demo}/eval/lost"])
+    with pytest.raises(DataError, match=re.escape(f"build it with `vlp-shard demo {demo}`")):
+        check_demo_shards(lost)
 
 
 def _train(demo: Path, run_dir: Path, *extra: str) -> subprocess.CompletedProcess:

@@ -43,7 +43,7 @@ class MergedBatch:
 
 
 def coupled_terms(objective: Any) -> dict[str, Any]:
-    return {n: t for n, t in objective.terms.items() if getattr(t, "batch_coupled", False)}
+    return {n: t for n, t in objective.terms.items() if t.batch_coupled}
 
 
 def grad_cache_step(

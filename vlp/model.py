@@ -108,6 +108,18 @@ class VLPModel(nn.Module):
     def logit_scale(self) -> nn.Parameter:
         return self.clip.logit_scale
 
+    def temperatures(self) -> dict[str, Tensor]:
+        """Every learnable temperature as its scale exp(t), and the logit bias, for the logs."""
+        logs = {"logit_scale": self.logit_scale.detach().exp()}
+        bias = getattr(self.clip, "logit_bias", None)  # SigLIP models only
+        if bias is not None:
+            logs["logit_bias"] = bias.detach()
+        if self.patch_emb:
+            logs["logit_scale_local"] = self.logit_scale_local.detach().exp()
+        if self.has_heads:
+            logs["logit_scale_proto"] = self.logit_scale_proto.detach().exp()
+        return logs
+
     def forward(self, images: Tensor, text: Tensor, decoder_text: Tensor | None = None):
         """images [B, 3, H, W]; text [B, T, L] token ids; decoder_text [B, L] or None (slot 0)."""
         batch, slots, length = text.shape

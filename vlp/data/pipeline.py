@@ -259,6 +259,15 @@ class TrainStream(IterableDataset):
         yield from worker_batches(self.spec, self.decode, worker, start, own_rng=info is not None)
 
 
+@dataclass(frozen=True)
+class ShardSubset:
+    """Shards a method reads instead of the configured ones (e.g. one ProtoCLIP episode's)."""
+
+    urls: list[str]
+    key: str
+    """The config key that sets how many there are (named in errors)."""
+
+
 def build_loader(
     data_cfg: Any,
     seed: int,
@@ -269,15 +278,14 @@ def build_loader(
     positions: dict[int, Position],
     consumed: int,
     pin_memory: bool,
-    episode_shards: list[str] | None = None,
+    subset: ShardSubset | None = None,
 ) -> DataLoader:
     """A DataLoader over the configured shards for this process (not to be accelerate-prepared:
-    splitting across ranks happens here). `episode_shards`: read these, epoch-wise, instead
-    (ProtoCLIP episodes)."""
+    splitting across ranks happens here). `subset`: read these shards, epoch-wise, instead."""
     advice = "use data.mode=resampled, or reshard with a smaller --samples-per-shard"
-    if episode_shards is not None:
-        patterns, sources, mode = [("prototypes.episode_shards", 1.0)], [episode_shards], "epoch"
-        advice = "or raise prototypes.episode_shards"
+    if subset is not None:
+        patterns, sources, mode = [(subset.key, 1.0)], [subset.urls], "epoch"
+        advice = f"or raise {subset.key}"
     else:
         patterns = [(s.shards, s.weight) for s in data_cfg.sources]
         patterns = patterns or [(data_cfg.train_shards, 1.0)]

@@ -5,18 +5,27 @@ from __future__ import annotations
 from typing import Any
 
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from vlp import distributed
-from vlp.objectives import OBJECTIVES
+from vlp.config import ConfigError
+from vlp.objectives import OBJECTIVES, Objective
 
 
 @OBJECTIVES.register("caption")
-class CaptionObjective:
+class CaptionObjective(Objective):
     """The model has already shifted the targets and left out padding (ModelOutput.caption_*)."""
 
     def __init__(self, cfg: Any):
+        self.cfg = cfg
         self.label_smoothing = cfg.label_smoothing
+
+    def check_model(self, model: nn.Module) -> None:
+        if not model.has_decoder:
+            raise ConfigError(
+                f"objectives.caption.weight={self.cfg.weight} but the model has no text decoder: "
+                "set it to 0 or use a CoCa model (model.name)"
+            )
 
     def __call__(self, out: Any, batch: Any) -> Tensor:
         """Mean token cross-entropy over the global batch's caption tokens.

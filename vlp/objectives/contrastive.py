@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlp import distributed
-from vlp.objectives import OBJECTIVES
+from vlp.objectives import OBJECTIVES, Objective
 
 
 def clip_loss(
@@ -85,7 +85,7 @@ def negative_slots(out: Any, batch: Any) -> tuple[Tensor | None, Tensor | None]:
 
 
 @OBJECTIVES.register("contrastive")
-class ContrastiveObjective:
+class ContrastiveObjective(Objective):
     batch_coupled = True
     """Every row's loss depends on every other row: train.grad_cache keeps the whole batch."""
 

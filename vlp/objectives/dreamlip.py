@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlp import distributed
-from vlp.objectives import OBJECTIVES
+from vlp.objectives import OBJECTIVES, Objective
 
 MINMAX_EPS = 1e-10
 """Added to the min-max denominator (as in DreamLIP), so equal cosines give zeros, not NaN."""
@@ -113,7 +113,7 @@ def grouping_loss(
     return summed * distributed.world_size() / count.clamp(min=1)
 
 
-class _ClampedScale:
+class _ClampedScale(Objective):
     """Clamps one of the model's log temperatures to [0, ln max] after each optimizer step."""
 
     parameter = ""

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from vlp import distributed
-from vlp.objectives import OBJECTIVES
+from vlp.objectives import OBJECTIVES, Objective
 
 DEFAULT_CHUNK = 1024
 
@@ -79,7 +79,7 @@ def _global_pairs(out: Any) -> tuple[Tensor, Tensor]:
 
 
 @OBJECTIVES.register("alignment")
-class AlignmentObjective:
+class AlignmentObjective(Objective):
     batch_coupled = True  # GradCache computes it on the whole accumulated batch (exact)
 
     def __init__(self, cfg: Any):
@@ -90,7 +90,7 @@ class AlignmentObjective:
 
 
 @OBJECTIVES.register("uniformity")
-class UniformityObjective:
+class UniformityObjective(Objective):
     """In-modal uniformity: the mean of the image and the text uniformity."""
 
     batch_coupled = True  # every pair of rows interacts: GradCache must see the whole batch
@@ -104,7 +104,7 @@ class UniformityObjective:
 
 
 @OBJECTIVES.register("cross_uniformity")
-class CrossUniformityObjective:
+class CrossUniformityObjective(Objective):
     batch_coupled = True
 
     def __init__(self, cfg: Any):

@@ -7,8 +7,8 @@
 - `prototype_external`: both heads learn the external teacher's clusters, hard labels, against
   the back-translated prototypes of their own modality.
 
-Both share the model's `logit_scale_proto` (the trainer adds it with the heads and clamps it to
-`prototypes.max_logit_scale`). Each sample's labels are looked up by its key, so the loss of a
+Both share the model's `logit_scale_proto` (the episode runner adds it with the heads and clamps it
+to `prototypes.max_logit_scale`). Each sample's labels are looked up by its key, so the loss of a
 row depends on that row alone: no collective is needed, and the mean over ranks equals the
 single-process mean on the concatenated batch (BatchNorm in the heads uses each process's own
 batch statistics, as in the reference). Outside clustering episodes (warm-up, LiT) the terms
@@ -21,22 +21,23 @@ from typing import Any
 
 from torch import Tensor
 
-from vlp.episodes import EpisodeState
-from vlp.objectives import OBJECTIVES
+from vlp import episodes  # noqa: F401  (registers the `episodes` method the terms need)
+from vlp.episode_state import EpisodeState
+from vlp.objectives import OBJECTIVES, Objective
 from vlp.prototypes import crosswise_loss, prototype_targets
 
 
-class _EpisodicTerm:
+class _EpisodicTerm(Objective):
     """Holds the current episode's state; None switches the term off."""
 
-    needs_episodes = True
+    method = "episodes"  # vlp/episodes.py: EpisodeRunner
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
         self.episode: EpisodeState | None = None
 
-    def set_episode(self, episode: EpisodeState | None) -> None:
-        self.episode = episode
+    def set_state(self, state: EpisodeState | None) -> None:
+        self.episode = state
 
 
 @OBJECTIVES.register("prototype")

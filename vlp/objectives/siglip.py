@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vlp import distributed
 from vlp.config import ConfigError
-from vlp.objectives import OBJECTIVES
+from vlp.objectives import OBJECTIVES, Objective
 
 
 def pair_loss_sum(image: Tensor, text: Tensor, scale: Tensor, bias: Tensor, own: bool) -> Tensor:
@@ -66,7 +66,7 @@ def siglip_loss(image_emb: Tensor, text_emb: Tensor, scale: Tensor, bias: Tensor
 
 
 @OBJECTIVES.register("siglip")
-class SiglipObjective:
+class SiglipObjective(Objective):
     batch_coupled = True
     """Every image meets every text of the batch: train.grad_cache keeps the whole batch."""
 
@@ -78,7 +78,7 @@ class SiglipObjective:
             raise ValueError("the siglip objective needs a model with a logit bias")
         return siglip_loss(out.image_emb, out.text_emb, out.logit_scale, out.logit_bias)
 
-    def prepare_model(self, model: nn.Module) -> None:
+    def check_model(self, model: nn.Module) -> None:
         """A model without open_clip's logit bias is a config mistake (its init lives in the
         model config, so evaluation and exports rebuild the same model)."""
         if getattr(model.clip, "logit_bias", None) is None:

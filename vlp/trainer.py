@@ -1,0 +1,491 @@
+"""The training loop: `Trainer(cfg).train()` builds everything from a config and runs it.
+
+The command line around it (`accelerate launch vlp/train.py`, `vlp-train`) is vlp/cli.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    is_wandb_available,
+    set_seed,
+)
+
+from eval.during_training import open_evaluators
+from eval.models import EvalModel
+from vlp import checkpoint, distributed, rundir, runlock
+from vlp.config import Config, ConfigError, to_dict, to_yaml
+from vlp.data.pipeline import Batch, Position, ShardSubset, build_loader
+from vlp.data.transforms import split_for_device
+from vlp.gradcache import coupled_terms, grad_cache_step
+from vlp.method import Loop, Method, method_class
+from vlp.metrics import MetricsLogger, is_time
+from vlp.model import build_model
+from vlp.objectives import WeightedObjective
+from vlp.optim import build_optimizer, lr_at
+from vlp.stopping import Stopped, StopRequests
+
+PROG = "vlp-train"
+
+
+class NonFiniteLoss(FloatingPointError):
+    pass
+
+
+class _WorkersGone(Exception):
+    """After a stop request, the step's batch could not be read: a launcher or scheduler
+    terminated the data workers along with this process."""
+
+
+class Trainer:
+    """Builds everything from the config, then `train()` runs the loop to `train.steps`."""
+
+    def __init__(
+        self, cfg: Config, overwrite: bool = False, stops: StopRequests | None = None
+    ) -> None:
+        """`overwrite`: move a run already in run.output_dir aside instead of refusing to start
+        (vlp/rundir.py); `stops`: the signal handlers whose requests end the run early."""
+        self.cfg = cfg
+        self.stops = stops if stops is not None else StopRequests()
+        self.run_dir = Path(cfg.run.output_dir)
+        self.objective = WeightedObjective(cfg.objectives)
+        method = method_class(self.objective)
+        unused = method.find_unused_parameters
+        self.accelerator = distributed.new_accelerator(
+            mixed_precision="bf16" if cfg.train.precision == "bf16" else "no",
+            log_with=trackers(cfg.run.trackers),
+            project_dir=str(self.run_dir),
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)]
+            if unused
+            else None,
+        )
+        self.lock, self.start = self._claim(overwrite)
+        try:
+            self._build(method)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, method: type[Method]) -> None:
+        cfg = self.cfg
+        if self.accelerator.device.type == "cpu":
+            torch.set_num_threads(distributed.cpu_threads(cfg.train.threads))
+        set_seed(cfg.train.seed)
+        torch.use_deterministic_algorithms(cfg.train.deterministic)
+        model, train_transform, eval_transform, tokenizer = build_model(
+            cfg.model, patch_emb=self.objective.needs_patches
+        )
+        self.worker_transform, self.to_input = split_for_device(train_transform)
+        self.tokenizer = tokenizer
+        self.method = method(self._loop())
+        self.method.prepare_model(model)
+        self.objective.check_model(model)
+        if cfg.train.grad_cache and not coupled_terms(self.objective):
+            raise ConfigError(
+                "train.grad_cache=true needs a term that couples the batch (the contrastive "
+                "loss with a non-zero weight); set it to false"
+            )
+        self.objective.prepare_model(model)
+        if cfg.train.compile:
+            model = torch.compile(model)
+        optimizer = build_optimizer(model, cfg.train, visual_groups=self.method.visual_groups)
+        distributed.configure_engine(
+            self.accelerator, cfg.data.batch_size, cfg.train.grad_accum, cfg.train.grad_clip
+        )
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.step, self.positions, self.saved_step = 0, {}, -1
+        self.changes: dict[str, list[Any]] = {}
+        # first step whose loss was not finite (-1: none); read only where the loop syncs anyway
+        self.first_nonfinite = torch.tensor(-1, device=self.accelerator.device)
+        start_meta = self._resume()
+        self._start_run(start_meta)
+        self.evaluators = open_evaluators(cfg.eval, cfg.train.steps, self._message)
+        self.eval_model = self._eval_model(eval_transform, tokenizer)
+
+    def _claim(self, overwrite: bool) -> tuple[runlock.RunLock | None, rundir.Start]:
+        """Rank 0 locks the run directory and decides how the run starts; every rank gets the
+        decision, or the refusal, by a broadcast, so a refused start never leaves one waiting."""
+        lock, outcome = None, None
+        if distributed.rank() == 0:
+            try:
+                lock, outcome = rundir.claim(self.run_dir, self.cfg.resume, overwrite, PROG)
+            except Exception as err:  # raised on every rank, below
+                outcome = err
+        outcome = distributed.broadcast_object(outcome)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return lock, outcome
+
+    def close(self) -> None:
+        """Release the run directory (idempotent; train() does it when it ends)."""
+        if self.lock is not None:
+            self.lock.release()
+
+    def _resume(self) -> dict[str, Any] | None:
+        if self.start.checkpoint is None:
+            return None
+        path = Path(self.start.checkpoint)
+        meta = json.loads((path / checkpoint.META_FILE).read_text())
+        saved_model = meta["config"]["model"]["name"]
+        if saved_model != self.cfg.model.name:
+            raise ConfigError(f"resume: {path} holds a {saved_model}, not {self.cfg.model.name}")
+        saved, now = meta["data"]["stream"], self._stream_identity()
+        changed = [k for k in {**now, **saved} if saved.get(k) != now.get(k)]
+        if changed:
+            raise ConfigError(
+                f"resume: {path} was trained on a different data stream ({', '.join(changed)} "
+                "changed), so it cannot continue exactly; restore them or use a new run.output_dir"
+            )
+        self.changes = rundir.config_changes(meta["config"], to_dict(self.cfg))
+        checkpoint.load(self.accelerator, path)
+        self.step = meta["step"]
+        if path.parent.resolve() == (self.run_dir / checkpoint.CHECKPOINT_DIR).resolve():
+            self.saved_step = self.step
+        self.method.load_state(path)
+        saved = meta["data"]["positions"][distributed.rank()]
+        self.positions = {int(w): Position.from_dict(p) for w, p in saved.items()}
+        meta["path"] = str(path)
+        return meta
+
+    def _loop(self) -> Loop:
+        """What the method may use of the trainer."""
+        return Loop(
+            cfg=self.cfg,
+            global_batch=self.global_batch,
+            accelerator=self.accelerator,
+            open_loader=self._open_loader,
+            model=lambda: self.accelerator.unwrap_model(self.model),
+            objective=self.objective,
+            worker_transform=self.worker_transform,
+            tokenizer=self.tokenizer,
+            to_input=self.to_input,
+            message=self._message,
+        )
+
+    def _open_loader(
+        self,
+        consumed: int,
+        seed: int | None = None,
+        subset: ShardSubset | None = None,
+        fresh: bool = False,
+    ):
+        """The training loader from self.positions (`fresh`: from the start of `subset`)."""
+        if fresh:
+            self.positions = {}
+        return build_loader(
+            self.cfg.data,
+            self.cfg.train.seed if seed is None else seed,
+            self.worker_transform,
+            self.tokenizer,
+            distributed.rank(),
+            distributed.world_size(),
+            self.positions,
+            consumed,
+            pin_memory=self.accelerator.device.type == "cuda",
+            subset=subset,
+        )
+
+    def _start_run(self, resumed: dict[str, Any] | None) -> None:
+        acc = self.accelerator
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+        acc.init_trackers(self.run_dir.name)
+        self.logger = MetricsLogger(self.run_dir, acc, self.cfg.train.steps, self.step)
+        moved = self.start.moved_to
+        if moved:
+            self._message(f"moved the run that was in {self.run_dir} to {moved} (--overwrite)")
+        where = f"resumed from {resumed['path']} at step {self.step}" if resumed else "started"
+        threads = f"; {torch.get_num_threads()} CPU threads" if acc.device.type == "cpu" else ""
+        self._message(f"{where}; run directory {self.run_dir}{threads}")
+        history = self.run_dir / rundir.HISTORY_FILE
+        if self.changes:
+            self._message(
+                f"warning: resuming with a changed config: {rundir.describe_changes(self.changes)}"
+                f" (recorded in {history})"
+            )
+        if acc.is_main_process:
+            rundir.record(
+                self.run_dir, "resume" if resumed else "start", step=self.step,
+                checkpoint=resumed and resumed["path"], moved_previous_run_to=moved,
+                changed=self.changes, processes=distributed.world_size(), argv=sys.argv,
+            )  # fmt: skip
+
+    def _eval_model(self, transform, tokenizer) -> EvalModel:
+        """The live open_clip module (not a copy), so evaluations see the current weights."""
+        return EvalModel(
+            self.accelerator.unwrap_model(self.model).clip,
+            transform,
+            tokenizer,
+            self.cfg.model.name,
+            pretrained=f"{self.run_dir} (during training)",
+            device=self.accelerator.device,
+            precision=self.cfg.train.precision,
+        )
+
+    def _message(self, text: str) -> None:
+        self.logger.message(f"{PROG}: {text}")
+
+    def _stream_identity(self) -> dict[str, Any]:
+        """Everything the batch stream depends on; a resume must find it unchanged."""
+        data = self.cfg.data
+        return {
+            "train_shards": data.train_shards,
+            "sources": [asdict(source) for source in data.sources],
+            "mode": data.mode,
+            "seed": self.cfg.train.seed,
+            "shuffle_buffer": data.shuffle_buffer,
+            "batch_size": data.batch_size,
+            "grad_accum": self.cfg.train.grad_accum,
+            "workers": max(1, data.workers),
+            "processes": distributed.world_size(),
+            "keys": [data.image_key, data.text_key, data.caption, data.decoder_caption]
+            + ([asdict(data.subcaptions)] if data.caption == "subcaptions" else []),
+            **self.method.stream_identity(),
+        }
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.data.batch_size * self.cfg.train.grad_accum * distributed.world_size()
+
+    def train(self) -> None:
+        """Run to train.steps, or until a stop request (raises Stopped); releases the run
+        directory either way."""
+        try:
+            self._train()
+        finally:
+            self.close()
+
+    def _train(self) -> None:
+        cfg, batches = self.cfg, None
+        window_start, window_steps, wait = time.perf_counter(), 0, 0.0
+        while self.step < cfg.train.steps:
+            stop = distributed.max_over_ranks(self.stops.signum)  # every rank, the same step
+            if stop:
+                self._stop(stop)
+            batches = self.method.batches(self.step, batches)
+            logs, step_wait = self._step_unless_workers_gone(batches)
+            self.step += 1
+            window_steps, wait = window_steps + 1, wait + step_wait
+            log_now = is_time(self.step, cfg.train.log_every_steps, cfg.train.steps)
+            save_now = is_time(self.step, cfg.checkpoint.every_steps, cfg.train.steps)
+            if log_now or save_now or self.step == cfg.train.steps:
+                self._stop_if_nonfinite(logs)  # never log or save past a non-finite loss
+            if log_now:
+                elapsed = time.perf_counter() - window_start
+                self.logger.log(self.step, self._log_record(logs, window_steps, elapsed, wait))
+                window_start, window_steps, wait = time.perf_counter(), 0, 0.0
+            # before the checkpoint, so a run resumed from it never lacks this evaluation
+            evaluation = self.evaluators.run(self.step, self.eval_model)
+            if evaluation:
+                self.logger.log(self.step, evaluation)
+            if save_now:
+                self.save()
+        self.logger.close()
+        self.accelerator.end_training()
+        if self.accelerator.is_main_process:
+            rundir.record(self.run_dir, "finish", step=self.step)
+        self._message(
+            f"done at step {self.step}; checkpoints in {self.run_dir / 'checkpoints'}, "
+            f"metrics in {self.run_dir / 'metrics.jsonl'}"
+        )
+
+    def _step_unless_workers_gone(self, batches) -> tuple[dict[str, Any], float]:
+        """train_step; but if a launcher terminated the data workers with this process after a
+        stop request (accelerate launch and SLURM signal every descendant) and the step lacks
+        a batch, stop at the last complete step."""
+        positions = dict(self.positions)
+        try:
+            return self.train_step(batches)
+        except _WorkersGone:
+            pass
+        self.positions = positions  # the failed step's batches were never trained
+        self.optimizer.zero_grad(set_to_none=True)
+        self._stop(self.stops.signum)
+
+    def _stop(self, signum: int) -> NoReturn:
+        """A stop request reached every rank by this step boundary: checkpoint the steps not yet
+        saved, say how to continue, raise Stopped."""
+        name = signal.Signals(signum).name
+        if self.step > 0 and self.saved_step != self.step:
+            self.save()
+        path = None
+        if self.step > 0:
+            path = self.run_dir / checkpoint.CHECKPOINT_DIR / checkpoint.checkpoint_name(self.step)
+        self.logger.close()
+        self.accelerator.end_training()
+        if self.accelerator.is_main_process:
+            found = str(path) if path else None
+            rundir.record(self.run_dir, "stop", signal=name, step=self.step, checkpoint=found)
+        kept = f"{path} holds it; resume=latest continues from there" if path else "nothing saved"
+        self._message(f"stopped by {name} at step {self.step}: {kept}")
+        raise Stopped(signum)
+
+    def train_step(self, batches) -> tuple[dict[str, Any], float]:
+        """One optimizer step over `grad_accum` micro-batches; returns (logs, seconds waiting).
+
+        Logged values stay tensors (no device sync) until a log step reads them.
+        """
+        train_cfg, acc = self.cfg.train, self.accelerator
+        lr = lr_at(
+            self.step, train_cfg.lr, train_cfg.warmup_steps, train_cfg.steps, train_cfg.min_lr
+        )
+        rates = self.method.group_lrs(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = rates["visual"] if group.get("visual") else lr
+        if train_cfg.grad_cache and train_cfg.grad_accum > 1:
+            totals, wait = self._grad_cache_micro_steps(batches)
+        else:
+            totals, wait = self._micro_steps(batches)
+        if train_cfg.grad_clip > 0:
+            totals["grad_norm"] = acc.clip_grad_norm_(self.model.parameters(), train_cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        model = acc.unwrap_model(self.model)
+        self.objective.after_optimizer_step(model)
+        self.method.after_step(model)
+        totals["lr"] = lr
+        totals.update({f"lr_{mark}": rate for mark, rate in rates.items()})
+        totals.update(model.temperatures())
+        return totals, wait
+
+    def _micro_steps(self, batches) -> tuple[dict[str, Any], float]:
+        """Backward over grad_accum micro-batches, each its own loss; (mean logs, wait)."""
+        acc, accum = self.accelerator, self.cfg.train.grad_accum
+        totals: dict[str, Any] = {}
+        wait = 0.0
+        for micro in range(accum):
+            batch, seconds = self._next(batches)
+            wait += seconds
+            sync = micro == accum - 1  # all-reduce gradients on the last only
+            with contextlib.nullcontext() if sync else acc.no_sync(self.model):
+                loss, logs = self._loss(batch)
+                acc.backward(loss / accum)
+            for name, value in logs.items():
+                totals[name] = totals.get(name, 0.0) + value / accum
+        return totals, wait
+
+    def _grad_cache_micro_steps(self, batches) -> tuple[dict[str, Any], float]:
+        """train.grad_cache: the coupled terms see all micro-batches at once (vlp/gradcache.py)."""
+        micro_batches, wait = [], 0.0
+        for _ in range(self.cfg.train.grad_accum):
+            batch, seconds = self._next(batches)
+            micro_batches.append(batch)
+            wait += seconds
+        acc = self.accelerator
+        logs = grad_cache_step(
+            self._forward,
+            self.objective,
+            micro_batches,
+            acc.backward,
+            lambda: acc.no_sync(self.model),
+        )
+        self._note_nonfinite(logs["loss/total"])
+        return logs, wait
+
+    def _next(self, batches) -> tuple[Batch, float]:
+        """The next batch, the seconds spent waiting for it; records its data position."""
+        started = time.perf_counter()
+        try:
+            batch: Batch = next(batches)
+        except (RuntimeError, EOFError, ConnectionError):
+            # a dead worker: "exited unexpectedly", or its prefetched batch's shared memory gone
+            if not self.stops.signum or distributed.world_size() > 1:  # ranks would disagree
+                raise
+            raise _WorkersGone from None
+        self.positions[batch.worker] = batch.position
+        return batch, time.perf_counter() - started
+
+    def _forward(self, batch: Batch):
+        device = self.accelerator.device
+        decoder = batch.decoder_text
+        return self.model(
+            self.to_input(batch.images.to(device, non_blocking=True)),
+            batch.text.to(device, non_blocking=True),
+            None if decoder is None else decoder.to(device, non_blocking=True),
+        )
+
+    def _loss(self, batch: Batch):
+        loss, logs = self.objective(self._forward(batch), batch)
+        self._note_nonfinite(loss)
+        return loss, logs
+
+    def _note_nonfinite(self, loss) -> None:
+        """Record the step of a non-finite loss on the device: checking it here would make the
+        host wait for every forward pass (a GPU idles meanwhile)."""
+        first = self.first_nonfinite
+        bad = ~torch.isfinite(loss.detach()) & (first < 0)
+        self.first_nonfinite = first.masked_fill(bad, self.step + 1)
+
+    def _stop_if_nonfinite(self, logs: dict[str, Any]) -> None:
+        """Every process stops together (collective), naming the first bad step of any."""
+        steps = [int(s) for s in distributed.gather(self.first_nonfinite.view(1)) if s >= 0]
+        if steps:
+            first = min(steps)
+            terms = ", ".join(f"{k} {float(v):.4g}" for k, v in logs.items())
+            raise NonFiniteLoss(f"non-finite loss at step {first} (at step {self.step}: {terms})")
+
+    def _skipped(self) -> Counter:
+        """Skipped samples by reason across this process's workers."""
+        total: Counter = Counter()
+        for position in self.positions.values():
+            total.update(position.bad)
+        return total
+
+    def _log_record(self, logs: dict[str, Any], steps: int, elapsed: float, wait: float):
+        """Values averaged over processes and skipped samples summed (collective; log steps)."""
+        local = {name: float(value) for name, value in logs.items()}
+        local["data_wait"] = wait / elapsed
+        everyone = distributed.all_gather_objects((local, dict(self._skipped())))
+        record = {name: sum(v[name] for v, _ in everyone) / len(everyone) for name in local}
+        record["samples_per_s"] = steps * self.global_batch / elapsed
+        skipped: Counter = Counter()
+        for _, counts in everyone:
+            skipped.update(counts)
+        record.update({f"data/skipped/{reason}": n for reason, n in sorted(skipped.items())})
+        return record
+
+    def save(self) -> None:
+        all_positions = distributed.all_gather_objects(
+            {w: asdict(p) for w, p in self.positions.items()}
+        )
+        skipped: Counter = Counter()
+        for rank_positions in all_positions:
+            for position in rank_positions.values():
+                skipped.update(position["bad"])
+        meta = {
+            "step": self.step,
+            "samples_seen": self.step * self.global_batch,
+            "config": to_dict(self.cfg),
+            "data": {"positions": all_positions, "stream": self._stream_identity()},
+            "skipped": dict(skipped),
+        }
+        path = checkpoint.save(
+            self.accelerator,
+            self.model,
+            self.run_dir,
+            self.step,
+            meta,
+            self.cfg.checkpoint.keep,
+            extra=self.method.state_writer(self.step),
+        )
+        self.saved_step = self.step
+        self._message(f"saved {path}")
+
+
+def trackers(names: list[str]) -> list[str]:
+    """accelerate's trackers for `run.trackers`; a missing optional package is a config error."""
+    if "wandb" in names and not is_wandb_available():
+        raise ConfigError("run.trackers: wandb is not installed; `pip install wandb` or drop it")
+    return list(names)
