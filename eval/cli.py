@@ -7,6 +7,7 @@ vlp-eval report RUN_DIR [--dataset DIR ...] [--output DIR]
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -132,6 +133,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="gallery size from which auto uses faiss-ivf (default 1000000)",
     )
+    parser.add_argument(
+        "--embeddings-dir",
+        metavar="DIR",
+        help="retrieval: write image and caption embeddings to memory-mapped .npy files in DIR "
+        "and search them a block at a time, for sets whose embeddings exceed RAM",
+    )
     _add_caption_options(parser)
     _add_probe_options(parser)
 
@@ -256,6 +263,7 @@ def _options(args: argparse.Namespace) -> EvalOptions:
             recall_ks=tuple(args.recall_k),
             retrieval_method=args.retrieval_method,
             faiss_threshold=args.faiss_threshold,
+            embeddings_dir=_embeddings_dir(args.embeddings_dir),
             seed=args.seed,
             caption=caption,
             meteor=args.meteor,
@@ -263,6 +271,20 @@ def _options(args: argparse.Namespace) -> EvalOptions:
         )
     except ValueError as err:
         raise UsageError(str(err)) from err
+
+
+def _embeddings_dir(directory: str | None) -> str | None:
+    """DIR of --embeddings-dir, created now so that a bad path fails before the model loads."""
+    if directory is None:
+        return None
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        message = f"--embeddings-dir {directory}: cannot create it ({err.strerror})"
+        raise UsageError(message) from err
+    if not os.access(directory, os.W_OK):
+        raise UsageError(f"--embeddings-dir {directory}: not writable")
+    return directory
 
 
 def build_report_parser() -> argparse.ArgumentParser:

@@ -20,6 +20,9 @@ class EvalOptions:
     """exact | faiss | faiss-ivf | auto (see eval.retrieval.choose_method)."""
     faiss_threshold: int = 1_000_000
     """auto: galleries at least this large go to faiss's IVF index instead of exact scores."""
+    embeddings_dir: str | None = None
+    """retrieval: stream image and caption embeddings to memory-mapped .npy files here
+    (eval.embedding_store) instead of holding them in RAM."""
     seed: int = 0
     """Seeds the linear-separability split and classifier, and the linear probe."""
     caption: GenerationConfig = field(default_factory=GenerationConfig)

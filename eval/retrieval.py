@@ -15,13 +15,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from eval.datasets import EvalSet
+from eval.embedding_store import release
 from eval.encode import ImageEmbeddings, encode_images, encode_texts
+from eval.exact_search import NO_HIT, exact_ranks
 from eval.geometry import geometry_metrics
 from eval.models import EvalModel
 from eval.options import EvalOptions
@@ -29,54 +32,18 @@ from eval.results import EvalResult
 
 TASK = "zeroshot_retrieval"
 METHODS = ("auto", "exact", "faiss", "faiss-ivf")
-NO_HIT = torch.iinfo(torch.long).max
-"""Rank of a query whose positives are absent (or, for faiss, not among the top k)."""
-SCORE_MEMORY_BYTES = 256 * 2**20
-"""Budget for one chunk of exact scores (float32, compared in place)."""
 FAISS_QUERY_CHUNK = 65536
+FAISS_ADD_BLOCK = 65536
+"""Gallery rows handed to a faiss index at a time (a mapped gallery stays one block resident)."""
+GEOMETRY_MAX_PAIRS = 100_000
+"""Geometry metrics use at most this many (image, first caption) pairs, a seeded sample: their
+uniformity is O(N²) and the separability probe holds every pair in RAM."""
 
 
 def choose_method(method: str, gallery_size: int, faiss_threshold: int) -> str:
     if method != "auto":
         return method
     return "faiss-ivf" if gallery_size >= faiss_threshold else "exact"
-
-
-def exact_ranks(
-    queries: Tensor, gallery: Tensor, positives: tuple[Tensor, Tensor], chunk_size: int = 0
-) -> Tensor:
-    """(Q,) rank of each query's best-scoring positive among the (G,) gallery items.
-
-    rank = the number of non-positive gallery items scoring at least as high as the best
-    positive (ties count against the model); a hit at k means rank < k. `positives` are the
-    unique pairs (query index, gallery index). chunk_size 0 picks it from SCORE_MEMORY_BYTES.
-    """
-    pair_query, pair_gallery = positives
-    num_queries, num_gallery = queries.shape[0], gallery.shape[0]
-    chunk = chunk_size or max(1, SCORE_MEMORY_BYTES // (4 * max(num_gallery, 1)))
-    order = pair_query.argsort(stable=True)  # pairs by query: each chunk's pairs are a slice
-    pair_query, pair_gallery = pair_query[order], pair_gallery[order]
-    ranks = torch.full((num_queries,), NO_HIT, dtype=torch.long)
-    for start in range(0, num_queries, chunk):
-        end = min(start + chunk, num_queries)
-        scores = queries[start:end] @ gallery.T  # (c, G)
-        low, high = torch.searchsorted(pair_query, torch.tensor([start, end])).tolist()
-        rows, columns = pair_query[low:high] - start, pair_gallery[low:high]
-        positive_scores = scores[rows, columns]
-        best = torch.full((end - start,), -math.inf, dtype=scores.dtype)
-        best = best.scatter_reduce(0, rows, positive_scores, "amax")
-        # in place and summed as floats: 3-4x faster than a bool mask summed as int64;
-        # float32 counts are exact below 2**24 gallery items
-        count_dtype = torch.float32 if num_gallery < 2**24 else torch.float64
-        at_least_best = scores.ge_(best[:, None]).sum(dim=1, dtype=count_dtype).long()
-        # positives tied with the best one are not competitors
-        tied = torch.zeros(end - start, dtype=torch.long)
-        tied = tied.scatter_add(0, rows, (positive_scores >= best[rows]).long())
-        has_positive = torch.zeros(end - start, dtype=torch.bool)
-        has_positive[rows] = True
-        ranks[start:end] = torch.where(has_positive, at_least_best - tied, NO_HIT)
-        del scores  # before the next chunk's scores exist: one chunk in memory at a time
-    return ranks
 
 
 def faiss_ranks(
@@ -88,13 +55,28 @@ def faiss_ranks(
     seed: int = 0,
 ) -> Tensor:
     """(Q,) position of the first positive among faiss's top max_k results (NO_HIT if none)."""
+    index = faiss_index(gallery, inverted_file, seed)
+    return faiss_search_ranks(index, queries, positives, max_k)
+
+
+def faiss_index(gallery: Tensor, inverted_file: bool = False, seed: int = 0):
+    """faiss's exact inner-product index, or its IVF index, holding a copy of the gallery."""
     import faiss
 
-    gallery_np = np.ascontiguousarray(gallery.numpy(), dtype=np.float32)
-    index = _ivf_index(gallery_np, seed) if inverted_file else faiss.IndexFlatIP(gallery.shape[1])
-    index.add(gallery_np)
+    index = _ivf_index(gallery, seed) if inverted_file else faiss.IndexFlatIP(gallery.shape[1])
+    for start in range(0, len(gallery), FAISS_ADD_BLOCK):
+        block = gallery[start : start + FAISS_ADD_BLOCK]
+        index.add(np.ascontiguousarray(block.numpy(), dtype=np.float32))  # the index copies it
+        release(block)
+    return index
+
+
+def faiss_search_ranks(
+    index, queries: Tensor, positives: tuple[Tensor, Tensor], max_k: int
+) -> Tensor:
+    """(Q,) position of the first positive among `index`'s top max_k results (NO_HIT if none)."""
     pair_query, pair_gallery = positives
-    num_gallery = gallery.shape[0]
+    num_gallery = index.ntotal
     positive_codes = (pair_query * num_gallery + pair_gallery).sort().values
     ranks = []
     for start in range(0, queries.shape[0], FAISS_QUERY_CHUNK):
@@ -107,7 +89,7 @@ def faiss_ranks(
     return torch.cat(ranks)
 
 
-def _ivf_index(gallery: np.ndarray, seed: int):
+def _ivf_index(gallery: Tensor, seed: int):
     """An inverted-file index with about 4·√N lists, trained on a seeded sample."""
     import faiss
 
@@ -115,7 +97,8 @@ def _ivf_index(gallery: np.ndarray, seed: int):
     num_lists = max(1, min(int(4 * math.sqrt(size)), size // 39))
     index = faiss.index_factory(dim, f"IVF{num_lists},Flat", faiss.METRIC_INNER_PRODUCT)
     sample = np.random.default_rng(seed).choice(size, min(size, 64 * num_lists), replace=False)
-    index.train(gallery[np.sort(sample)])
+    index.train(np.ascontiguousarray(gallery[torch.from_numpy(np.sort(sample))].numpy()))
+    release(gallery)
     # √(lists) probes: a query scans the 4·√N centroids and about N^(3/4)/2 items, so a whole
     # evaluation grows like N^1.75 instead of N²; bench/retrieval_scale.py measures the recall
     # this costs
@@ -182,23 +165,39 @@ class RetrievalOutputs:
     text_to_image: Tensor
     """(M,) image index of each caption."""
 
-    def first_caption_pairs(self) -> tuple[Tensor, Tensor]:
-        """(P, D) image and (P, D) text embeddings: each captioned image with its first caption."""
+    def first_caption_pairs(self, seed: int = 0) -> tuple[Tensor, Tensor]:
+        """(P, D) image and (P, D) text embeddings: each captioned image with its first caption
+        (a seeded sample of GEOMETRY_MAX_PAIRS images when there are more)."""
         first = torch.full((len(self.images.keys),), -1, dtype=torch.long)
         texts = torch.arange(len(self.text_to_image))
         first = first.scatter_reduce(0, self.text_to_image, texts, "min", include_self=False)
-        has_caption = first >= 0
-        return self.images.embeddings[has_caption], self.text_embeddings[first[has_caption]]
+        images = (first >= 0).nonzero().flatten()
+        if len(images) > GEOMETRY_MAX_PAIRS:
+            picked = np.random.default_rng(seed).choice(len(images), GEOMETRY_MAX_PAIRS, False)
+            images = images[torch.from_numpy(np.sort(picked))]
+        return self.images.embeddings[images], self.text_embeddings[first[images]]
 
 
 def run_zeroshot_retrieval(
     model: EvalModel, dataset: EvalSet, options: EvalOptions
 ) -> RetrievalOutputs:
-    images = encode_images(model, dataset, options.batch_size, options.workers)
+    """Image and caption embeddings, memory-mapped under options.embeddings_dir if it is set."""
+    stores = embedding_paths(options.embeddings_dir, dataset)
+    images = encode_images(model, dataset, options.batch_size, options.workers, stores[0])
     captions = [caption for image_captions in images.targets for caption in image_captions]
     owners = [i for i, image_captions in enumerate(images.targets) for _ in image_captions]
-    texts = encode_texts(model, captions)
+    texts = encode_texts(model, captions, store=stores[1])
     return RetrievalOutputs(images, captions, texts, torch.tensor(owners, dtype=torch.long))
+
+
+def embedding_paths(
+    directory: str | None, dataset: EvalSet
+) -> tuple[Path, Path] | tuple[None, None]:
+    """Where a set's image and caption embeddings are written (None, None: kept in RAM)."""
+    if directory is None:
+        return None, None
+    stem = Path(directory) / dataset.root.name
+    return stem.with_name(f"{stem.name}_images.npy"), stem.with_name(f"{stem.name}_texts.npy")
 
 
 def retrieval_result(
@@ -214,14 +213,19 @@ def retrieval_result(
         outputs.images.embeddings, outputs.text_embeddings, outputs.text_to_image,
         options.recall_ks, method, options.seed,
     )  # fmt: skip
-    metrics.update(geometry_metrics(*outputs.first_caption_pairs(), seed=options.seed))
+    pairs = outputs.first_caption_pairs(options.seed)
+    metrics.update(geometry_metrics(*pairs, seed=options.seed))
+    captioned = int(outputs.text_to_image.unique().numel())
     details = {
         "num_images": len(outputs.images.keys),
         "num_captions": len(outputs.captions),
         "retrieval_method": method,
-        "geometry_pairs": "each image with its first caption",
+        "geometry_pairs": "each image with its first caption"
+        + (f" (a seeded sample of {len(pairs[0])})" if len(pairs[0]) < captioned else ""),
         "dataset_root": str(dataset.root),
     }
+    if options.embeddings_dir is not None:
+        details["embeddings_dir"] = options.embeddings_dir  # the memory-mapped .npy files
     return EvalResult(dataset.name, TASK, metrics, details)
 
 
