@@ -1,23 +1,22 @@
 """Retrieval at scale: time and peak memory of vlp-eval's retrieval paths as the set grows.
 
-BENCHMARKS.md section 4 (scale). N synthetic image embeddings and N captions (each a noisy
-copy of its image, so recall is neither 0 nor 1), recall@1/5/10 in both directions with
-eval.retrieval.retrieval_ranks, for each method:
+BENCHMARKS.md section 4 (scale), in three parts, each measurement in a fresh process whose
+peak-RSS counter is reset once its inputs exist (so "extra peak" is what retrieval needed):
 
-- exact:     chunked exact scores (torch); memory is one chunk (256 MiB) plus O(N)
-- faiss:     faiss's exact inner-product index (IndexFlatIP)
-- faiss-ivf: faiss's inverted-file index (approximate; recall compared with exact)
+1. Scale: N synthetic image embeddings and N captions (each a noisy copy of its image, so
+   recall is neither 0 nor 1), recall@1/5/10 both ways with eval.retrieval.retrieval_ranks:
+   exact (tiled exact scores), faiss (IndexFlatIP) and faiss-ivf (inverted file, approximate).
+   Above --max-queries, that many queries per direction are scored against the whole gallery
+   (recall over them; time scaled by N / max-queries); a run predicted to exceed --budget is
+   skipped and the prediction recorded.
+2. Beyond RAM: a --mapped-size gallery written to a memory-mapped .npy file under --tmp,
+   searched exactly by 1,000 queries; peak RSS against the file's size; at 1M the mapped
+   ranks are compared with the in-RAM ranks. The files are deleted afterwards.
+3. faiss-ivf on a trained model's embeddings (--checkpoint, --dataset: a retrieval set):
+   caption -> image R@k of exact search and of the IVF index for each nprobe, with times
+   measured side by side in one process (index build included in the speed-up).
 
-Each (method, N) runs in a fresh process, which resets its peak-RSS counter after building
-the embeddings, so "extra peak" is the memory retrieval itself needed. Above --max-queries,
-only that many queries per direction are scored, against the whole N-item gallery, and the
-time is scaled by N / max-queries (every query costs the same against a fixed gallery; the
-gallery-side memory is measured as it is). A run whose time, predicted from the smaller sizes'
-fitted growth exponent, would keep it busy longer than --budget is skipped and the prediction
-recorded instead; a run that fails or exceeds twice the budget is recorded as such.
-
-    .venv/bin/python bench/retrieval_scale.py               # 10k, 100k, 1M
-    .venv/bin/python bench/retrieval_scale.py --quick       # 2k, 8k; results in bench/.work/
+    .venv/bin/python bench/retrieval_scale.py --checkpoint CKPT --dataset SET  # --quick: small
 """
 
 from __future__ import annotations
@@ -25,8 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -47,17 +49,30 @@ METHODS = ("exact", "faiss", "faiss-ivf")
 DIM = 64
 NOISE = 0.15
 """Per-dimension noise added to an image to make its caption (cosine about 0.65)."""
+MAPPED_QUERIES = 1000
+NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+CURVE_QUERIES = 10_000
+"""Captions (a seeded sample) scored against every image for the nprobe curve."""
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
-        print(json.dumps(child(*args.child)))
+        print(json.dumps(CHILDREN[args.child[0]](*args.child[1:])))
         return 0
     sizes = (2_000, 8_000) if args.quick else tuple(args.sizes)
+    mapped_sizes = (100_000,) if args.quick else (1_000_000, args.mapped_size)
+    timeout = 2 * args.budget
     results = {
         method: run_method(method, sizes, args.budget, args.max_queries) for method in METHODS
     }
+    mapped = [run_child(["mapped", str(n), args.tmp], timeout) for n in mapped_sizes]
+    for run in mapped:
+        print(f"mapped    N={run.get('n', '?'):>10,}  {json.dumps(run)}", flush=True)
+    curve = None
+    if args.checkpoint:
+        curve = run_child(["curve", args.checkpoint, args.dataset, str(WORK / NAME)], timeout)
+        print(f"faiss-ivf on {args.checkpoint}: {json.dumps(curve)}", flush=True)
     summary = summarize(results)
     print_report(results, summary)
     payload = {
@@ -69,7 +84,11 @@ def main(argv: list[str] | None = None) -> int:
             "device": "cpu",
             "torch": dist_version(sys.executable, "torch"),
             "faiss": dist_version(sys.executable, "faiss-cpu"),
+            "shared": "2 cores shared with other jobs, benchmark run at nice 19: times are "
+            "upper bounds; ratios come from one process",
+            "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         },  # fmt: skip
+        "seeds": {"synthetic_embeddings": 0, "faiss_training_sample": 0, "curve_queries": 0},
         "settings": {
             "sizes": sizes,
             "dim": DIM,
@@ -78,8 +97,12 @@ def main(argv: list[str] | None = None) -> int:
             "max_queries": args.max_queries,
             "queries": "min(N, max_queries) captions against N images, as many images against "
             "N captions; time scaled to N queries",
+            "mapped_queries": MAPPED_QUERIES,
+            "nprobes": NPROBES,
         },
         "runs": results,
+        "mapped": mapped,
+        "faiss_ivf_trained": curve,
         "summary": summary,
     }
     path = WORK / f"{NAME}-quick.json" if args.quick else RESULTS / f"{NAME}.json"
@@ -95,11 +118,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--budget", type=float, default=600, help="skip runs predicted to run longer (s)"
     )
     parser.add_argument(
-        "--max-queries", type=int, default=20_000, help="queries scored per direction (20000)"
+        "--max-queries", type=int, default=1000, help="queries scored per direction (1000)"
     )
+    parser.add_argument("--mapped-size", type=int, default=10_000_000, metavar="N")
+    parser.add_argument("--tmp", default="/tmp", help="where the mapped gallery is written")
+    parser.add_argument("--checkpoint", help="a trained checkpoint for the nprobe curve")
+    parser.add_argument("--dataset", help="the retrieval set it is scored on")
     parser.add_argument("--quick", action="store_true", help="2k and 8k only")
-    parser.add_argument("--child", nargs=3, metavar=("N", "METHOD", "Q"), help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if bool(args.checkpoint) != bool(args.dataset):
+        parser.error("--checkpoint and --dataset go together")
+    return args
 
 
 def run_method(
@@ -114,7 +144,7 @@ def run_method(
             runs.append({"n": size, "skipped": True, "predicted_seconds": round(predicted)})
             print(f"{method:9s} N={size:>9,}  skipped: would run {runtime:,.0f} s", flush=True)
             continue
-        run = run_child(size, method, max_queries, timeout=2 * budget)
+        run = run_child(["scale", str(size), method, str(max_queries)], timeout=2 * budget)
         runs.append(run)
         if run.get("skipped"):
             print(f"{method:9s} N={size:>9,}  {run['reason']}", flush=True)
@@ -128,8 +158,9 @@ def run_method(
     return runs
 
 
-def run_child(size: int, method: str, max_queries: int, timeout: float) -> dict[str, Any]:
-    command = [sys.executable, __file__, "--child", str(size), method, str(max_queries)]
+def run_child(child_args: list[str], timeout: float) -> dict[str, Any]:
+    command = [sys.executable, __file__, "--child", *child_args]
+    size = int(child_args[1]) if child_args[1].isdigit() else None
     try:
         output = subprocess.run(
             command, capture_output=True, text=True, cwd=REPO, timeout=timeout, check=False
@@ -166,7 +197,7 @@ def fit_exponent(points: list[tuple[float, float]]) -> float | None:
 # --- one measurement, in its own process ------------------------------------------------
 
 
-def child(size: str, method: str, max_queries: str) -> dict[str, Any]:
+def scale_child(size: str, method: str, max_queries: str) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
@@ -210,6 +241,117 @@ def child(size: str, method: str, max_queries: str) -> dict[str, Any]:
         "scores_matrix_mb": round(n * n * 4 / 2**20, 1),
         "recalls": recalls,
     }
+
+
+def mapped_child(size: str, tmp: str) -> dict[str, Any]:
+    """Exact search of MAPPED_QUERIES noisy copies of gallery rows in a mapped N-row gallery."""
+    import torch
+    import torch.nn.functional as F
+
+    from eval.embedding_store import EmbeddingWriter, open_embeddings, release
+    from eval.exact_search import exact_ranks, tile_shape
+    from eval.retrieval import recall_at_k
+
+    n, generator = int(size), torch.Generator().manual_seed(0)
+    directory = Path(tempfile.mkdtemp(prefix="vlp-mapped-", dir=tmp))
+    try:
+        writer = EmbeddingWriter(directory / "gallery.npy", DIM)
+        for start in range(0, n, 2**18):  # written a block at a time: never N x D in RAM
+            rows = torch.randn(min(2**18, n - start), DIM, generator=generator)
+            writer.write(start, F.normalize(rows, dim=1))
+        gallery = open_embeddings(writer.close())
+        picked = torch.randperm(n, generator=generator)[:MAPPED_QUERIES].sort().values
+        noise = NOISE * torch.randn(len(picked), DIM, generator=generator)
+        queries = F.normalize(gallery[picked] + noise, dim=1)
+        release(gallery)
+        positives = (torch.arange(len(picked)), picked)
+        baseline = _status_kb("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
+        start = time.perf_counter()
+        ranks = exact_ranks(queries, gallery, positives)
+        seconds = time.perf_counter() - start
+        peak = _status_kb("VmHWM")
+        chunk, block = tile_shape(len(queries), n)
+        result = {
+            "n": n, "queries": len(queries), "seconds": round(seconds, 2),
+            "file_mb": round((directory / "gallery.npy").stat().st_size / 2**20, 1),
+            "tile_mb": round(chunk * block * 4 / 2**20, 1), "block_rows": block,
+            "baseline_rss_mb": round(baseline / 1024, 1), "peak_rss_mb": round(peak / 1024, 1),
+            "extra_peak_mb": round((peak - baseline) / 1024, 1),
+            "recalls": {f"image_retrieval_recall@{k}": recall_at_k(ranks, k) for k in (1, 5, 10)},
+        }  # fmt: skip
+        if n <= 1_000_000:  # the same search with the gallery in RAM: ranks must be equal
+            in_ram = gallery.clone()
+            result["equal_to_in_ram"] = torch.equal(exact_ranks(queries, in_ram, positives), ranks)
+        return result
+    finally:
+        shutil.rmtree(directory)
+
+
+def curve_child(checkpoint: str, dataset: str, work: str) -> dict[str, Any]:
+    """Caption -> image R@k of exact search and of faiss's IVF index per nprobe, one process."""
+    import numpy as np
+    import torch
+
+    from eval.datasets import open_eval_set
+    from eval.embedding_store import open_embeddings
+    from eval.exact_search import exact_ranks
+    from eval.retrieval import embedding_paths, faiss_index, faiss_search_ranks, recall_at_k
+
+    eval_set, directory = open_eval_set(Path(dataset)), Path(work)
+    images_path, texts_path = embedding_paths(str(directory), eval_set)
+    owners_path = directory / f"{eval_set.root.name}_owners.npy"
+    if not owners_path.exists():  # embeddings of an earlier run are reused
+        _encode(checkpoint, eval_set, directory, owners_path)
+    images, texts = open_embeddings(images_path), open_embeddings(texts_path)
+    owners = torch.from_numpy(np.load(owners_path))
+    picked = torch.randperm(len(texts), generator=torch.Generator().manual_seed(0))
+    picked = picked[:CURVE_QUERIES].sort().values
+    queries, positives = texts[picked].clone(), (torch.arange(len(picked)), owners[picked])
+
+    def timed(function: Any, *args: Any) -> tuple[Any, float]:
+        start = time.perf_counter()
+        return function(*args), time.perf_counter() - start
+
+    def recalls(ranks: Any) -> dict[str, float]:
+        return {f"image_retrieval_recall@{k}": recall_at_k(ranks, k) for k in (1, 5, 10)}
+
+    exact, exact_seconds = timed(exact_ranks, queries, images, positives)
+    index, build_seconds = timed(faiss_index, images, True, 0)
+    curve = []
+    for nprobe in (p for p in NPROBES if p <= index.nlist):
+        index.nprobe = nprobe
+        ranks, seconds = timed(faiss_search_ranks, index, queries, positives, 10)
+        curve.append({
+            "nprobe": nprobe, "search_seconds": round(seconds, 3), "recalls": recalls(ranks),
+            "r1_vs_exact": round(recall_at_k(ranks, 1) / max(recall_at_k(exact, 1), 1e-9), 4),
+            "speedup_search": round(exact_seconds / seconds, 2),
+            "speedup_with_build": round(exact_seconds / (seconds + build_seconds), 2),
+        })  # fmt: skip
+    return {
+        "checkpoint": checkpoint, "dataset": dataset, "images": len(images),
+        "captions": len(texts), "dim": images.shape[1], "queries": len(queries),
+        "exact": {"seconds": round(exact_seconds, 3), "recalls": recalls(exact)},
+        "ivf_lists": index.nlist, "ivf_build_seconds": round(build_seconds, 3), "curve": curve,
+    }  # fmt: skip
+
+
+def _encode(checkpoint: str, eval_set: Any, directory: Path, owners_path: Path) -> None:
+    """The set's embeddings as vlp-eval --embeddings-dir writes them, and each caption's image."""
+    import numpy as np
+
+    from eval.checkpoints import resolve_checkpoint
+    from eval.models import load_model
+    from eval.options import EvalOptions
+    from eval.retrieval import run_zeroshot_retrieval
+
+    model = load_model(resolve_checkpoint(Path(checkpoint), None), None, "fp32")
+    options = EvalOptions(embeddings_dir=str(directory))
+    outputs = run_zeroshot_retrieval(model, eval_set, options)
+    np.save(owners_path, outputs.text_to_image.numpy())
+
+
+CHILDREN = {"scale": scale_child, "mapped": mapped_child, "curve": curve_child}
 
 
 def _status_kb(field: str) -> int:
