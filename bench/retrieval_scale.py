@@ -16,7 +16,7 @@ peak-RSS counter is reset once its inputs exist (so "extra peak" is what retriev
    caption -> image R@k of exact search and of the IVF index for each nprobe, with times
    measured side by side in one process (index build included in the speed-up).
 
-    .venv/bin/python bench/retrieval_scale.py --checkpoint CKPT --dataset SET  # --quick: small
+    .venv/bin/python bench/retrieval_scale.py --checkpoint CKPT --dataset SET [--parts ...]
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ METHODS = ("exact", "faiss", "faiss-ivf")
 DIM = 64
 NOISE = 0.15
 """Per-dimension noise added to an image to make its caption (cosine about 0.65)."""
+PARTS = ("scale", "mapped", "curve")
 MAPPED_QUERIES = 1000
 NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 CURVE_QUERIES = 10_000
@@ -60,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(CHILDREN[args.child[0]](*args.child[1:])))
         return 0
-    sizes = (2_000, 8_000) if args.quick else tuple(args.sizes)
+    sizes = ((2_000, 8_000) if args.quick else tuple(args.sizes)) if "scale" in args.parts else ()
     mapped_sizes = (100_000,) if args.quick else (1_000_000, args.mapped_size)
+    mapped_sizes = mapped_sizes if "mapped" in args.parts else ()
     timeout = 2 * args.budget
     results = {
         method: run_method(method, sizes, args.budget, args.max_queries) for method in METHODS
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     for run in mapped:
         print(f"mapped    N={run.get('n', '?'):>10,}  {json.dumps(run)}", flush=True)
     curve = None
-    if args.checkpoint:
+    if args.checkpoint and "curve" in args.parts:
         curve = run_child(["curve", args.checkpoint, args.dataset, str(WORK / NAME)], timeout)
         print(f"faiss-ivf on {args.checkpoint}: {json.dumps(curve)}", flush=True)
     summary = summarize(results)
@@ -95,10 +97,10 @@ def main(argv: list[str] | None = None) -> int:
             "noise": NOISE,
             "budget_s": args.budget,
             "max_queries": args.max_queries,
-            "queries": "min(N, max_queries) captions against N images, as many images against "
-            "N captions; time scaled to N queries",
+            "queries": "min(N, max_queries) per direction against all N; time scaled to N",
             "mapped_queries": MAPPED_QUERIES,
             "nprobes": NPROBES,
+            "parts": args.parts,
         },
         "runs": results,
         "mapped": mapped,
@@ -124,6 +126,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tmp", default="/tmp", help="where the mapped gallery is written")
     parser.add_argument("--checkpoint", help="a trained checkpoint for the nprobe curve")
     parser.add_argument("--dataset", help="the retrieval set it is scored on")
+    parser.add_argument("--parts", nargs="+", default=PARTS, choices=PARTS, help="(all)")
     parser.add_argument("--quick", action="store_true", help="2k and 8k only")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -150,11 +153,8 @@ def run_method(
             print(f"{method:9s} N={size:>9,}  {run['reason']}", flush=True)
             continue
         recall = run["recalls"]["image_retrieval_recall@1"]
-        print(
-            f"{method:9s} N={size:>9,}  {run['seconds']:8.2f} s  extra peak "
-            f"{run['extra_peak_mb']:8.1f} MB  R@1 {recall:.4f}",
-            flush=True,
-        )
+        print(f"{method:9s} N={size:>9,}  {run['seconds']:8.2f} s  extra peak "
+              f"{run['extra_peak_mb']:8.1f} MB  R@1 {recall:.4f}", flush=True)  # fmt: skip
     return runs
 
 
@@ -168,7 +168,7 @@ def run_child(child_args: list[str], timeout: float) -> dict[str, Any]:
     except subprocess.TimeoutExpired:
         return {"n": size, "skipped": True, "reason": f"did not finish in {timeout:.0f} s"}
     if output.returncode != 0:
-        last = (output.stderr.strip().splitlines() or ["no output"])[-1]
+        last = (output.stderr.strip().splitlines() or ["no output"])[-1][-300:]
         return {"n": size, "skipped": True, "reason": f"exited with {output.returncode}: {last}"}
     return json.loads(output.stdout.strip().splitlines()[-1])
 
@@ -179,8 +179,7 @@ def predict(runs: list[dict[str, Any]], size: int) -> float | None:
     if not measured:
         return None
     exponent = fit_exponent([(r["n"], r["seconds"]) for r in measured]) or 2.0
-    last = measured[-1]
-    return last["seconds"] * (size / last["n"]) ** exponent
+    return measured[-1]["seconds"] * (size / measured[-1]["n"]) ** exponent
 
 
 def fit_exponent(points: list[tuple[float, float]]) -> float | None:
@@ -355,6 +354,7 @@ CHILDREN = {"scale": scale_child, "mapped": mapped_child, "curve": curve_child}
 
 
 def _status_kb(field: str) -> int:
+    """A /proc/self/status field in KiB (VmRSS: resident now; VmHWM: peak since clear_refs)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
