@@ -122,22 +122,26 @@ def _sample(rng: np.random.Generator, key: str) -> dict[str, bytes]:
     }
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> str:
-    """Four shards of 24 samples from a frozen generator, with sizes.json."""
-    out = tmp_path_factory.mktemp("golden_shards")
+def write_shards(out: Path, shards: int = SHARDS, per_shard: int = PER_SHARD) -> str:
+    """Shards of samples from a frozen generator in `out`, with sizes.json; their pattern."""
     rng = np.random.default_rng(20261207)
-    for shard in range(SHARDS):
+    for shard in range(shards):
         with tarfile.open(out / f"{shard}.tar", "w") as tar:
-            for index in range(PER_SHARD):
+            for index in range(per_shard):
                 key = f"s{shard}_{index:03d}"
                 for ext, data in _sample(rng, key).items():
                     info = tarfile.TarInfo(f"{key}.{ext}")
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
-    sizes = {f"{shard}.tar": PER_SHARD for shard in range(SHARDS)}
+    sizes = {f"{shard}.tar": per_shard for shard in range(shards)}
     (out / "sizes.json").write_text(json.dumps(sizes))
-    return str(out / f"{{0..{SHARDS - 1}}}.tar")
+    return str(out / f"{{0..{shards - 1}}}.tar")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    """Four shards of 24 samples."""
+    return write_shards(tmp_path_factory.mktemp("golden_shards"))
 
 
 def _run(shards: str, run_dir: Path, setting: str, *extra: str) -> None:

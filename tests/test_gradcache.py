@@ -7,7 +7,10 @@ import contextlib
 import torch
 
 from tests.distributed_reference import batch, build
+from vlp.config import load_config
 from vlp.gradcache import grad_cache_step
+from vlp.model import VLPModel, new_clip, register_model_configs
+from vlp.objectives import WeightedObjective
 
 
 def _grads(model) -> dict[str, torch.Tensor]:
@@ -80,5 +83,41 @@ def test_gap_terms_see_the_whole_batch():
     logs = _grad_cache(model, objective, _halves(images, text))
     assert {"loss/uniformity", "loss/cross_uniformity", "loss/alignment"} <= logs.keys()
     cached = _grads(model)
+    for name, grad in reference.items():
+        torch.testing.assert_close(cached[name], grad, atol=1e-10, rtol=1e-8, msg=name)
+
+
+DREAMLIP = (
+    "objectives.contrastive.weight=0",
+    "objectives.caption.weight=0",
+    "objectives.multi_positive.weight=1",
+    "objectives.subcaption_grouping.weight=1",
+)
+
+
+def _dreamlip():
+    """A tiny CoCa with patch embeddings in float64, DreamLIP's two terms."""
+    register_model_configs()
+    torch.manual_seed(0)
+    clip = new_clip("vlp-tiny-coca").double()
+    objective = WeightedObjective(load_config(None, ["data.train_shards=x", *DREAMLIP]).objectives)
+    model = VLPModel(clip, pad_id=clip.pad_id, patch_emb=objective.needs_patches)
+    objective.prepare_model(model)
+    return model, objective
+
+
+def test_dreamlip_terms_see_the_whole_batch():
+    """Both couple the batch (every image against every slot), so GradCache caches them too,
+    patch embeddings and the grouping temperature included."""
+    images, text = batch()
+    text = torch.cat([text, text.flip(0)], dim=1)  # [B, 2, L]: two slots per image
+    model, objective = _dreamlip()
+    objective(model(images, text), None)[0].backward()
+    reference = _grads(model)
+    model, objective = _dreamlip()
+    logs = _grad_cache(model, objective, _halves(images, text))
+    assert {"loss/multi_positive", "loss/subcaption_grouping"} <= logs.keys()
+    cached = _grads(model)
+    assert cached.keys() == reference.keys() and "logit_scale_local" in cached
     for name, grad in reference.items():
         torch.testing.assert_close(cached[name], grad, atol=1e-10, rtol=1e-8, msg=name)

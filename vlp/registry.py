@@ -32,3 +32,7 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         return sorted(self._entries)
+
+    def entries(self) -> dict[str, T]:
+        """Every entry by name, in registration order."""
+        return dict(self._entries)

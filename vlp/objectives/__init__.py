@@ -1,9 +1,12 @@
 """Training objectives: registered terms, each an unweighted scalar, combined by weight.
 
-A term subclasses `Objective`, is registered in OBJECTIVES under its config section's name, is
-built from that section alone, and is called as `term(out: ModelOutput, batch: Batch) -> Tensor`
-(None: it adds nothing at this step). Its class-level flags say what it needs, and it overrides
-only the hooks it uses; `WeightedObjective` builds the terms whose weight is non-zero.
+A term subclasses `Objective` and is registered in OBJECTIVES under its config section's name;
+its `Config` (a TermConfig dataclass in the term's module, checking itself) becomes the section
+`objectives.NAME` (vlp.config.objectives_schema). It is built from that section alone and called
+as `term(out: ModelOutput, batch: Batch) -> Tensor` (None: it adds nothing at this step). Its
+class-level flags say what it needs, and it overrides only the hooks it uses. Adding a term is
+one module (imported below) and no other edit. `WeightedObjective` builds the terms whose weight
+is non-zero and sums them.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from vlp.config import TermConfig
 from vlp.data.pipeline import Batch
 from vlp.model import ModelOutput
 from vlp.registry import Registry
@@ -27,8 +31,10 @@ class Objective:
     """A row's loss depends on other rows: train.grad_cache computes it on the whole batch."""
     method: ClassVar[str | None] = None
     """The stateful method (vlp/method.py) the term needs, by its registered name."""
+    Config: ClassVar[type[TermConfig]] = TermConfig
+    """The term's config section `objectives.NAME` (a TermConfig dataclass that checks itself)."""
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: TermConfig) -> None:
         self.cfg = cfg
 
     def __call__(self, out: ModelOutput, batch: Batch) -> Tensor | None:
@@ -54,6 +60,7 @@ class WeightedObjective:
     """total = sum_k weight_k * term_k; logs every term (unweighted) and the total."""
 
     def __init__(self, objectives_cfg: Any):
+        """`objectives_cfg`: the `objectives` section (vlp.config.objectives_schema)."""
         self.terms: dict[str, Objective] = {}
         self.weights: dict[str, float] = {}
         for name, term_cfg in objectives_cfg.active().items():
@@ -65,16 +72,22 @@ class WeightedObjective:
         return any(term.needs_patches for term in self.terms.values())
 
     def __call__(self, out: ModelOutput, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
-        logs: dict[str, Tensor] = {}
-        total = torch.zeros((), device=out.image_emb.device)
-        for name, term in self.terms.items():
-            value = term(out, batch)
-            if value is None:  # e.g. a term whose method switched it off for now
-                continue
-            logs[f"loss/{name}"] = value.detach()
-            total = total + self.weights[name] * value
+        values = {name: term(out, batch) for name, term in self.terms.items()}
+        # None: e.g. a term whose method switched it off for now
+        values = {name: value for name, value in values.items() if value is not None}
+        total = self.weighted_sum(values, torch.zeros((), device=out.image_emb.device))
+        logs = {f"loss/{name}": value.detach() for name, value in values.items()}
         logs["loss/total"] = total.detach()
         return total, logs
+
+    def weighted_sum(self, values: dict[str, Tensor], start: Tensor, divisor: int = 1) -> Tensor:
+        """start + sum_k weight_k * value_k / divisor, added in the order of `values` (the one
+        weighted sum: GradCache adds its parts with it too)."""
+        total = start
+        for name, value in values.items():
+            weighted = self.weights[name] * value
+            total = total + (weighted / divisor if divisor != 1 else weighted)
+        return total
 
     def prepare_model(self, model: nn.Module) -> None:
         for term in self.terms.values():
@@ -93,11 +106,13 @@ class WeightedObjective:
             term.set_state(state)
 
 
-from vlp.objectives import (  # noqa: E402,F401  (registers the terms)
-    caption,
-    contrastive,
-    dreamlip,
-    geometry,
-    prototype,
-    siglip,
-)
+# The terms register on import, and their registration order is the order of the config's
+# sections and of the total's sum (floating-point addition: changing it changes the numbers).
+# isort: off
+from vlp.objectives import contrastive  # noqa: E402,F401
+from vlp.objectives import siglip  # noqa: E402,F401
+from vlp.objectives import caption  # noqa: E402,F401
+from vlp.objectives import geometry  # noqa: E402,F401
+from vlp.objectives import dreamlip  # noqa: E402,F401
+from vlp.objectives import prototype  # noqa: E402,F401
+# isort: on

@@ -2,21 +2,35 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlp import distributed
-from vlp.config import ConfigError
+from vlp.config import ConfigError, TermConfig
+from vlp.data.pipeline import Batch
+from vlp.model import ModelOutput
 from vlp.objectives import OBJECTIVES, Objective
+
+
+@dataclass
+class CaptionConfig(TermConfig):
+    weight: float = 0.0
+    """CoCa captioning loss; needs a model with a text decoder (open_clip's default is 2.0)."""
+    label_smoothing: float = 0.0
+
+    def checks(self) -> list[tuple[bool, str, str]]:
+        return [(0 <= self.label_smoothing < 1, "label_smoothing", "in [0, 1)")]
 
 
 @OBJECTIVES.register("caption")
 class CaptionObjective(Objective):
     """The model has already shifted the targets and left out padding (ModelOutput.caption_*)."""
 
-    def __init__(self, cfg: Any):
+    Config = CaptionConfig
+
+    def __init__(self, cfg: CaptionConfig):
         self.cfg = cfg
         self.label_smoothing = cfg.label_smoothing
 
@@ -27,7 +41,7 @@ class CaptionObjective(Objective):
                 "set it to 0 or use a CoCa model (model.name)"
             )
 
-    def __call__(self, out: Any, batch: Any) -> Tensor:
+    def __call__(self, out: ModelOutput, batch: Batch) -> Tensor:
         """Mean token cross-entropy over the global batch's caption tokens.
 
         Each rank returns its token sum scaled by W / (global token count); gradient averaging

@@ -12,6 +12,7 @@ Two options change the image->text side or both softmaxes:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,7 +20,32 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlp import distributed
+from vlp.config import TermConfig
+from vlp.data.pipeline import Batch
+from vlp.model import ModelOutput
 from vlp.objectives import OBJECTIVES, Objective
+
+
+@dataclass
+class ContrastiveConfig(TermConfig):
+    weight: float = 1.0
+    max_logit_scale: float = 100.0
+    """The learnable temperature's scale exp(logit_scale) is clamped to [1, this]."""
+    fixed_temperature: float | None = None
+    """Fix the temperature to this value instead of learning it (the contrastive-gap recipe
+    uses 0.01, i.e. scale 100); the model's logit_scale is set to ln(1/this) and frozen."""
+    decoupled: bool = False
+    """DCL (Yeh et al. 2022): leave the positive pair out of each softmax's denominator."""
+
+    def checks(self) -> list[tuple[bool, str, str]]:
+        return [
+            (self.max_logit_scale >= 1, "max_logit_scale", "at least 1"),
+            (
+                self.fixed_temperature is None or self.fixed_temperature > 0,
+                "fixed_temperature",
+                "positive (e.g. 0.01) or null for a learnable temperature",
+            ),
+        ]
 
 
 def clip_loss(
@@ -86,15 +112,17 @@ def negative_slots(out: Any, batch: Any) -> tuple[Tensor | None, Tensor | None]:
 
 @OBJECTIVES.register("contrastive")
 class ContrastiveObjective(Objective):
+    Config = ContrastiveConfig
+
     batch_coupled = True
     """Every row's loss depends on every other row: train.grad_cache keeps the whole batch."""
 
-    def __init__(self, cfg: Any):
+    def __init__(self, cfg: ContrastiveConfig):
         self.max_log_scale = math.log(cfg.max_logit_scale)
         self.fixed_temperature = cfg.fixed_temperature
         self.decoupled = cfg.decoupled
 
-    def __call__(self, out: Any, batch: Any) -> Tensor:
+    def __call__(self, out: ModelOutput, batch: Batch) -> Tensor:
         negatives, mask = negative_slots(out, batch)
         return clip_loss(
             out.image_emb, out.text_emb, out.logit_scale, negatives, mask, self.decoupled

