@@ -1,7 +1,8 @@
 """The objective contract: a term and its config section plug in from one file (this one).
 
 The toy term below is registered here, with no edit to the trainer, vlp/config.py or the
-optimizer: its section `objectives.toy_gap` exists, validates itself, and trains.
+optimizer: its section `objectives.toy_gap` exists, validates itself, and trains. It is
+registered for this file's tests only, so other tests see the real objectives section.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ class ToyConfig(TermConfig):
         return [(self.power > 0, "power", "positive")]
 
 
-@OBJECTIVES.register("toy_gap")
 class ToyGap(Objective):
     """mean_i ‖x_i − y_i‖^power over the local batch (not batch-coupled)."""
 
@@ -36,6 +36,13 @@ class ToyGap(Objective):
 
     def __call__(self, out: ModelOutput, batch: Batch) -> Tensor:
         return (out.image_emb - out.text_emb).norm(dim=-1).pow(self.cfg.power).mean()
+
+
+@pytest.fixture(autouse=True)
+def _toy_gap_registered():
+    OBJECTIVES.register("toy_gap")(ToyGap)
+    yield
+    OBJECTIVES.remove("toy_gap")
 
 
 def test_every_registered_term_is_a_config_section_and_nothing_else():

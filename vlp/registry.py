@@ -24,6 +24,10 @@ class Registry(Generic[T]):
 
         return add
 
+    def remove(self, name: str) -> None:
+        """Undo `register` (a plugin defined for one test or notebook session)."""
+        del self._entries[name]
+
     def get(self, name: str) -> T:
         if name not in self._entries:
             known = ", ".join(sorted(self._entries)) or "none"
