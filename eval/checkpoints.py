@@ -1,31 +1,24 @@
 """Find the weights to evaluate: a checkpoint directory, a run's latest checkpoint, or a file.
 
-The training core's contract (vlp/checkpoint.py):
-
-    RUN/config.yaml, RUN/metrics.jsonl
-    RUN/checkpoints/step_000000100/model.safetensors   open_clip state-dict names
-    RUN/checkpoints/step_000000100/meta.json           {"step": 100, "config": {"model":
-                                                        {"name": ...}}, ...}
-
-A checkpoint is written under a name starting with "." and renamed when complete, so a
-`step_*` directory with a `meta.json` is complete; the latest is the one with the highest step.
+The run layout (RUN/checkpoints/step_N/{model.safetensors,meta.json}, RUN/metrics.jsonl) is
+vlp.runlayout's, shared with training. A checkpoint is written under a name starting with "."
+and renamed when complete, so a `step_*` directory with a `meta.json` is complete; the latest is
+the one with the highest step.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from eval.errors import UsageError
-
-CHECKPOINTS_DIR = "checkpoints"
-META_FILE = "meta.json"
-WEIGHTS_FILE = "model.safetensors"
-METRICS_FILE = "metrics.jsonl"
-_STEP_DIR = re.compile(r"step_(\d+)")
+from vlp.runlayout import (
+    CHECKPOINT_DIR,
+    EXPORT_FILE,
+    META_FILE,
+    CheckpointMeta,
+    checkpoint_step,
+)
 
 
 @dataclass(frozen=True)
@@ -40,16 +33,16 @@ class CheckpointRef:
 
 
 def is_run_dir(path: Path) -> bool:
-    return (path / CHECKPOINTS_DIR).is_dir()
+    return (path / CHECKPOINT_DIR).is_dir()
 
 
 def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """(step, directory) of every complete checkpoint of `run_dir`, by increasing step."""
     found = []
-    for child in (run_dir / CHECKPOINTS_DIR).iterdir():
-        match = _STEP_DIR.fullmatch(child.name)
-        if match and (child / META_FILE).is_file():
-            found.append((int(match.group(1)), child))
+    for child in (run_dir / CHECKPOINT_DIR).iterdir():
+        step = checkpoint_step(child)
+        if step is not None and (child / META_FILE).is_file():
+            found.append((step, child))
     return sorted(found)
 
 
@@ -58,7 +51,7 @@ def latest_checkpoint(run_dir: Path) -> Path:
     found = complete_checkpoints(run_dir)
     if not found:
         raise UsageError(
-            f"{run_dir / CHECKPOINTS_DIR}: no complete checkpoint (a step_* directory with "
+            f"{run_dir / CHECKPOINT_DIR}: no complete checkpoint (a step_* directory with "
             f"{META_FILE}); wait for the first checkpoint or pass a checkpoint directory"
         )
     return found[-1][1]
@@ -76,47 +69,35 @@ def resolve_checkpoint(path: Path, model_name: str | None = None) -> CheckpointR
         if model_name is None:
             raise UsageError(f"{path} is a weights file: pass --model NAME (its architecture)")
         return CheckpointRef(weights=path, model_name=model_name)
-    if path.name == CHECKPOINTS_DIR and is_run_dir(path.parent):
+    if path.name == CHECKPOINT_DIR and is_run_dir(path.parent):
         path = path.parent
     if is_run_dir(path):
         ref = _from_checkpoint_dir(latest_checkpoint(path), model_name)
         return CheckpointRef(ref.weights, ref.model_name, ref.step, run_dir=path)
     if (path / META_FILE).is_file():
-        run_dir = path.parent.parent if path.parent.name == CHECKPOINTS_DIR else None
+        run_dir = path.parent.parent if path.parent.name == CHECKPOINT_DIR else None
         ref = _from_checkpoint_dir(path, model_name)
         return CheckpointRef(ref.weights, ref.model_name, ref.step, run_dir=run_dir)
     raise UsageError(
         f"{path}: neither a checkpoint directory (no {META_FILE}) nor a run directory "
-        f"(no {CHECKPOINTS_DIR}/); an unfinished checkpoint has no {META_FILE} yet"
+        f"(no {CHECKPOINT_DIR}/); an unfinished checkpoint has no {META_FILE} yet"
     )
 
 
 def _from_checkpoint_dir(directory: Path, model_name: str | None) -> CheckpointRef:
     meta = read_meta(directory)
-    weights = directory / WEIGHTS_FILE
+    weights = directory / EXPORT_FILE
     if not weights.is_file():
         raise UsageError(f"{weights}: missing; the checkpoint has no open_clip weights export")
+    model_name = model_name or meta.model_name
     if model_name is None:
-        model_name = _meta_model_name(meta, directory / META_FILE)
-    step = meta.get("step")
-    return CheckpointRef(weights, model_name, step if isinstance(step, int) else None)
+        raise UsageError(f"{directory / META_FILE}: no config.model.name; pass --model NAME")
+    return CheckpointRef(weights, model_name, meta.step)
 
 
-def read_meta(directory: Path) -> dict[str, Any]:
+def read_meta(directory: Path) -> CheckpointMeta:
     path = directory / META_FILE
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return CheckpointMeta.read(directory)
+    except (OSError, UnicodeDecodeError, ValueError) as err:
         raise UsageError(f"{path}: cannot read checkpoint metadata ({err})") from err
-    if not isinstance(meta, dict):
-        raise UsageError(f"{path}: expected a JSON object")
-    return meta
-
-
-def _meta_model_name(meta: dict[str, Any], path: Path) -> str:
-    config = meta.get("config")
-    model = config.get("model") if isinstance(config, dict) else None
-    name = model.get("name") if isinstance(model, dict) else None
-    if not isinstance(name, str) or not name:
-        raise UsageError(f"{path}: no config.model.name; pass --model NAME")
-    return name

@@ -19,6 +19,7 @@ from eval.retrieval import evaluate_zeroshot_retrieval, run_zeroshot_retrieval
 from eval.selection import TASK as SELECTION
 from eval.selection import evaluate_image_caption_selection
 from eval.zero_shot import evaluate_zeroshot_classification
+from vlp.runlayout import AUTO_TASK
 
 GEOMETRY = "geometry"
 
@@ -56,7 +57,7 @@ TASKS: dict[str, Task] = {
         Task(SELECTION, SELECTION, evaluate_image_caption_selection),
     )
 }
-AUTO = "auto"
+AUTO = AUTO_TASK
 AUTO_TASKS = {
     "classification": "zeroshot_classification",
     "retrieval": "zeroshot_retrieval",

@@ -18,25 +18,30 @@ CheckpointError naming the newest complete checkpoint, which stays untouched.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import pickle
 import shutil
 from collections.abc import Callable
+from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
-from typing import Any
 
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import Tensor
 
 from vlp.config import ConfigError
+from vlp.runlayout import (
+    CHECKPOINT_DIR,
+    CHECKPOINT_PREFIX,
+    EXPORT_FILE,
+    META_FILE,
+    STATE_DIR,
+    CheckpointMeta,
+    checkpoint_name,
+    checkpoint_step,
+)
 
-CHECKPOINT_DIR = "checkpoints"
-META_FILE = "meta.json"
-EXPORT_FILE = "model.safetensors"
-STATE_DIR = "state"
 VERSIONED = ("vlp", "torch", "open_clip_torch", "accelerate", "webdataset")
 HIDDEN_GLOBS = (".step_*.tmp", ".step_*.old")
 """Temporaries of interrupted saves and deletions: never loaded, removed by the next save."""
@@ -56,10 +61,6 @@ class CheckpointError(Exception):
     """A checkpoint could not be written; the previous one is intact (one line, exit 1)."""
 
 
-def checkpoint_name(step: int) -> str:
-    return f"step_{step:09d}"
-
-
 def versions() -> dict[str, str]:
     found = {}
     for package in VERSIONED:
@@ -75,7 +76,7 @@ def save(
     model,
     run_dir: Path,
     step: int,
-    meta: dict[str, Any],
+    meta: CheckpointMeta,
     keep: int,
     extra: Callable[[Path], None] | None = None,
 ) -> Path:
@@ -128,12 +129,12 @@ def _failure(err: Exception, final: Path) -> str:
     )
 
 
-def _write_files(weights: dict[str, Tensor], temporary: Path, meta: dict[str, Any], extra) -> None:
+def _write_files(weights: dict[str, Tensor], temporary: Path, meta: CheckpointMeta, extra) -> None:
     save_file(open_clip_weights(weights), temporary / EXPORT_FILE)
     if extra is not None:
         extra(temporary)
     # meta.json last: a directory is a checkpoint only once it has one (complete_checkpoints)
-    (temporary / META_FILE).write_text(json.dumps({**meta, "versions": versions()}, indent=2))
+    (temporary / META_FILE).write_text(replace(meta, versions=versions()).to_json())
     _fsync_tree(temporary)
 
 
@@ -166,8 +167,8 @@ def _prune(root: Path, keep: int) -> None:
 
 def complete_checkpoints(root: Path) -> list[Path]:
     """Published checkpoints in step order (hidden temporaries never count)."""
-    found = [p for p in root.glob("step_*") if (p / META_FILE).is_file()]
-    return sorted(found, key=lambda p: int(p.name.removeprefix("step_")))
+    found = [p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if checkpoint_step(p) is not None]
+    return sorted((p for p in found if (p / META_FILE).is_file()), key=checkpoint_step)
 
 
 def resolve(resume: str, run_dir: Path) -> Path | None:
@@ -181,7 +182,7 @@ def resolve(resume: str, run_dir: Path) -> Path | None:
     return path
 
 
-def load(accelerator, path: Path) -> dict[str, Any]:
+def load(accelerator, path: Path) -> CheckpointMeta:
     """Restore model, optimizer and RNG states in place; return the checkpoint's meta.
 
     accelerate reads every pickled state with torch's weights_only loader, so a file carrying
@@ -205,4 +206,4 @@ def load(accelerator, path: Path) -> dict[str, Any]:
             f"resume: {culprit}: not loadable as plain tensors ({first}); refusing it. "
             "Resume from another checkpoint or start a new run.output_dir"
         ) from None
-    return json.loads((path / META_FILE).read_text())
+    return CheckpointMeta.read(path)

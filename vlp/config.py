@@ -18,6 +18,8 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from vlp.runlayout import AUTO_TASK, EVAL_TASKS
+
 
 class ConfigError(ValueError):
     """A user mistake in a config file or override; reported as one line, exit code 2."""
@@ -217,11 +219,8 @@ class CheckpointConfig:
     """How many of the newest checkpoints to keep (older ones are deleted)."""
 
 
-EVAL_TYPES = (
-    "auto", "zeroshot_classification", "zeroshot_retrieval", "geometry", "captioning",
-    "linear_probe", "image_caption_selection",
-)  # fmt: skip
-"""eval.tasks' names (vlp does not import eval; a test keeps the two lists equal)."""
+EVAL_TYPES = (AUTO_TASK, *EVAL_TASKS)
+"""What `eval.NAME.type` may be: eval.tasks' names (vlp.runlayout; a test keeps them equal)."""
 CAPTION_METHODS = ("greedy", "beam")
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-METRICS_FILE = "metrics.jsonl"
+from vlp.runlayout import METRICS_FILE
 
 
 def is_time(step: int, every: int, last: int) -> bool:

@@ -23,9 +23,9 @@ from typing import Any
 
 from vlp import checkpoint, runlock
 from vlp.config import ConfigError
-from vlp.metrics import METRICS_FILE, records_up_to, write_records
+from vlp.metrics import records_up_to, write_records
+from vlp.runlayout import CHECKPOINT_DIR, HISTORY_FILE, METRICS_FILE
 
-HISTORY_FILE = "history.jsonl"
 MOVED = ".old-"
 """Old runs moved aside by --overwrite: RUN.old-1, RUN.old-2, ..."""
 NOT_COMPARED = ("resume",)
@@ -55,7 +55,7 @@ class Contents:
 def contents(run_dir: Path) -> Contents:
     metrics = run_dir / METRICS_FILE
     records = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
-    return Contents(checkpoint.complete_checkpoints(run_dir / checkpoint.CHECKPOINT_DIR), records)
+    return Contents(checkpoint.complete_checkpoints(run_dir / CHECKPOINT_DIR), records)
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ def _decide(run_dir: Path, resume: str | None, overwrite: bool) -> Start:
 
 def _resume_from(run_dir: Path, path: Path, found: Contents, overwrite: bool) -> Start:
     """resume=PATH: a checkpoint of this directory or of another run."""
-    root = (run_dir / checkpoint.CHECKPOINT_DIR).resolve()
+    root = (run_dir / CHECKPOINT_DIR).resolve()
     inside = path.resolve().parent == root
     later = [c for c in found.checkpoints if _step(c) > _step(path)] if inside else []
     if (inside and not later) or not (inside or found.holds_run):

@@ -6,12 +6,10 @@ The command line around it (`accelerate launch vlp/train.py`, `vlp-train`) is vl
 from __future__ import annotations
 
 import contextlib
-import json
 import signal
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -24,9 +22,9 @@ from accelerate.utils import (
 
 from eval.during_training import open_evaluators
 from eval.models import EvalModel
-from vlp import checkpoint, distributed, rundir, runlock
+from vlp import checkpoint, distributed, rundir, runlock, runstate
 from vlp.config import Config, ConfigError, to_dict, to_yaml
-from vlp.data.pipeline import Batch, Position, ShardSubset, build_loader
+from vlp.data.pipeline import Batch, ShardSubset, build_loader
 from vlp.data.transforms import split_for_device
 from vlp.gradcache import coupled_terms, grad_cache_step
 from vlp.method import Loop, Method, method_class
@@ -34,6 +32,14 @@ from vlp.metrics import MetricsLogger, is_time
 from vlp.model import build_model
 from vlp.objectives import WeightedObjective
 from vlp.optim import build_optimizer, lr_at
+from vlp.runlayout import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    HISTORY_FILE,
+    METRICS_FILE,
+    CheckpointMeta,
+    checkpoint_name,
+)
 from vlp.stopping import Stopped, StopRequests
 
 PROG = "vlp-train"
@@ -132,31 +138,21 @@ class Trainer:
         if self.lock is not None:
             self.lock.release()
 
-    def _resume(self) -> dict[str, Any] | None:
+    def _resume(self) -> Path | None:
+        """Restore the checkpoint the run starts from (None: a fresh start); its path."""
         if self.start.checkpoint is None:
             return None
         path = Path(self.start.checkpoint)
-        meta = json.loads((path / checkpoint.META_FILE).read_text())
-        saved_model = meta["config"]["model"]["name"]
-        if saved_model != self.cfg.model.name:
-            raise ConfigError(f"resume: {path} holds a {saved_model}, not {self.cfg.model.name}")
-        saved, now = meta["data"]["stream"], self._stream_identity()
-        changed = [k for k in {**now, **saved} if saved.get(k) != now.get(k)]
-        if changed:
-            raise ConfigError(
-                f"resume: {path} was trained on a different data stream ({', '.join(changed)} "
-                "changed), so it cannot continue exactly; restore them or use a new run.output_dir"
-            )
-        self.changes = rundir.config_changes(meta["config"], to_dict(self.cfg))
+        meta = CheckpointMeta.read(path)
+        runstate.check_resume(meta, path, self.cfg, self._stream_identity())
+        self.changes = rundir.config_changes(meta.config, to_dict(self.cfg))
         checkpoint.load(self.accelerator, path)
-        self.step = meta["step"]
-        if path.parent.resolve() == (self.run_dir / checkpoint.CHECKPOINT_DIR).resolve():
+        self.step = meta.step
+        if path.parent.resolve() == (self.run_dir / CHECKPOINT_DIR).resolve():
             self.saved_step = self.step
         self.method.load_state(path)
-        saved = meta["data"]["positions"][distributed.rank()]
-        self.positions = {int(w): Position.from_dict(p) for w, p in saved.items()}
-        meta["path"] = str(path)
-        return meta
+        self.positions = runstate.rank_positions(meta)
+        return path
 
     def _loop(self) -> Loop:
         """What the method may use of the trainer."""
@@ -196,20 +192,20 @@ class Trainer:
             subset=subset,
         )
 
-    def _start_run(self, resumed: dict[str, Any] | None) -> None:
+    def _start_run(self, resumed: Path | None) -> None:
         acc = self.accelerator
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+            (self.run_dir / CONFIG_FILE).write_text(to_yaml(self.cfg))
         acc.init_trackers(self.run_dir.name)
         self.logger = MetricsLogger(self.run_dir, acc, self.cfg.train.steps, self.step)
         moved = self.start.moved_to
         if moved:
             self._message(f"moved the run that was in {self.run_dir} to {moved} (--overwrite)")
-        where = f"resumed from {resumed['path']} at step {self.step}" if resumed else "started"
+        where = f"resumed from {resumed} at step {self.step}" if resumed else "started"
         threads = f"; {torch.get_num_threads()} CPU threads" if acc.device.type == "cpu" else ""
         self._message(f"{where}; run directory {self.run_dir}{threads}")
-        history = self.run_dir / rundir.HISTORY_FILE
+        history = self.run_dir / HISTORY_FILE
         if self.changes:
             self._message(
                 f"warning: resuming with a changed config: {rundir.describe_changes(self.changes)}"
@@ -218,7 +214,7 @@ class Trainer:
         if acc.is_main_process:
             rundir.record(
                 self.run_dir, "resume" if resumed else "start", step=self.step,
-                checkpoint=resumed and resumed["path"], moved_previous_run_to=moved,
+                checkpoint=resumed and str(resumed), moved_previous_run_to=moved,
                 changed=self.changes, processes=distributed.world_size(), argv=sys.argv,
             )  # fmt: skip
 
@@ -238,22 +234,7 @@ class Trainer:
         self.logger.message(f"{PROG}: {text}")
 
     def _stream_identity(self) -> dict[str, Any]:
-        """Everything the batch stream depends on; a resume must find it unchanged."""
-        data = self.cfg.data
-        return {
-            "train_shards": data.train_shards,
-            "sources": [asdict(source) for source in data.sources],
-            "mode": data.mode,
-            "seed": self.cfg.train.seed,
-            "shuffle_buffer": data.shuffle_buffer,
-            "batch_size": data.batch_size,
-            "grad_accum": self.cfg.train.grad_accum,
-            "workers": max(1, data.workers),
-            "processes": distributed.world_size(),
-            "keys": [data.image_key, data.text_key, data.caption, data.decoder_caption]
-            + ([asdict(data.subcaptions)] if data.caption == "subcaptions" else []),
-            **self.method.stream_identity(),
-        }
+        return runstate.stream_identity(self.cfg, self.method.stream_identity())
 
     @property
     def global_batch(self) -> int:
@@ -297,8 +278,8 @@ class Trainer:
         if self.accelerator.is_main_process:
             rundir.record(self.run_dir, "finish", step=self.step)
         self._message(
-            f"done at step {self.step}; checkpoints in {self.run_dir / 'checkpoints'}, "
-            f"metrics in {self.run_dir / 'metrics.jsonl'}"
+            f"done at step {self.step}; checkpoints in {self.run_dir / CHECKPOINT_DIR}, "
+            f"metrics in {self.run_dir / METRICS_FILE}"
         )
 
     def _step_unless_workers_gone(self, batches) -> tuple[dict[str, Any], float]:
@@ -322,7 +303,7 @@ class Trainer:
             self.save()
         path = None
         if self.step > 0:
-            path = self.run_dir / checkpoint.CHECKPOINT_DIR / checkpoint.checkpoint_name(self.step)
+            path = self.run_dir / CHECKPOINT_DIR / checkpoint_name(self.step)
         self.logger.close()
         self.accelerator.end_training()
         if self.accelerator.is_main_process:
@@ -457,20 +438,9 @@ class Trainer:
         return record
 
     def save(self) -> None:
-        all_positions = distributed.all_gather_objects(
-            {w: asdict(p) for w, p in self.positions.items()}
+        meta = runstate.checkpoint_meta(
+            self.step, self.global_batch, self.cfg, self.positions, self._stream_identity()
         )
-        skipped: Counter = Counter()
-        for rank_positions in all_positions:
-            for position in rank_positions.values():
-                skipped.update(position["bad"])
-        meta = {
-            "step": self.step,
-            "samples_seen": self.step * self.global_batch,
-            "config": to_dict(self.cfg),
-            "data": {"positions": all_positions, "stream": self._stream_identity()},
-            "skipped": dict(skipped),
-        }
         path = checkpoint.save(
             self.accelerator,
             self.model,

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eval.checkpoints import METRICS_FILE, is_run_dir, resolve_checkpoint
+from eval.checkpoints import is_run_dir, resolve_checkpoint
 from eval.datasets import EvalSet, open_eval_set
 from eval.errors import UsageError
 from eval.models import EvalModel, load_model
@@ -33,6 +33,7 @@ from eval.retrieval import (
 from eval.samples import read_images
 from eval.selection import overall_results, run_selection, selection_result
 from eval.zero_shot import classification_result, run_zeroshot_classification
+from vlp.runlayout import METRICS_FILE
 
 REPORT_FILE = "report.md"
 TOP_IMAGES = 5

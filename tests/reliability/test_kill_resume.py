@@ -15,6 +15,7 @@ from tests.reliability.faults import (
     train_command,
 )
 from vlp import checkpoint
+from vlp.runlayout import CheckpointMeta
 
 STEPS = 30  # enough that the resumed run is still going when the second kill comes
 
@@ -58,7 +59,7 @@ def test_a_kill_while_deleting_never_leaves_a_step_directory_resume_could_pick(
     """Pruning renames a checkpoint to a hidden name before removing it: interrupt the removal
     and the half-deleted directory is invisible, and the next save clears it."""
     for step in (1, 2):
-        checkpoint.save(_Accelerator(), None, tmp_path, step, {"step": step}, keep=2)
+        checkpoint.save(_Accelerator(), None, tmp_path, step, CheckpointMeta(step=step), keep=2)
 
     real_rmtree = checkpoint.shutil.rmtree
 
@@ -69,7 +70,7 @@ def test_a_kill_while_deleting_never_leaves_a_step_directory_resume_could_pick(
 
     monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_midway)
     try:
-        checkpoint.save(_Accelerator(), None, tmp_path, 3, {"step": 3}, keep=2)
+        checkpoint.save(_Accelerator(), None, tmp_path, 3, CheckpointMeta(step=3), keep=2)
     except KeyboardInterrupt:
         pass
     monkeypatch.undo()
@@ -79,5 +80,5 @@ def test_a_kill_while_deleting_never_leaves_a_step_directory_resume_could_pick(
         "step_000000003",
     ]
     assert sorted(p.name for p in root.glob("step_*")) == ["step_000000002", "step_000000003"]
-    checkpoint.save(_Accelerator(), None, tmp_path, 4, {"step": 4}, keep=2)
+    checkpoint.save(_Accelerator(), None, tmp_path, 4, CheckpointMeta(step=4), keep=2)
     assert sorted(p.name for p in root.iterdir()) == ["step_000000003", "step_000000004"]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from vlp.checkpoint import versions
-from vlp.metrics import METRICS_FILE
+from vlp.runlayout import METRICS_FILE
 from vlp.study.report import WALL
 from vlp.study.runner import is_finished, score_path, wall_time
 from vlp.study.spec import Run, Study

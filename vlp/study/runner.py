@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vlp.checkpoint import CHECKPOINT_DIR, META_FILE, checkpoint_name
+from vlp.runlayout import CHECKPOINT_DIR, META_FILE, checkpoint_name
 from vlp.study.spec import Run, Study, placeholders
 
 LOG_FILE = "study.log"

@@ -1,0 +1,98 @@
+"""The run directory's layout: every name on disk, the `meta.json` schema, the eval task names.
+
+Torch-free (only the standard library), so vlp/ and eval/ share it the way vlp/data/format.py
+holds the shard format:
+
+    RUN/config.yaml                      the resolved config (CONFIG_FILE)
+    RUN/metrics.jsonl                    one JSON record per log step (METRICS_FILE)
+    RUN/history.jsonl                    one record per start, stop and finish (HISTORY_FILE)
+    RUN/checkpoints/step_000000100/      CHECKPOINT_DIR / checkpoint_name(100)
+        state/                           accelerator.save_state (STATE_DIR)
+        model.safetensors                open_clip weights (EXPORT_FILE)
+        meta.json                        CheckpointMeta (META_FILE), written last
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+HISTORY_FILE = "history.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+STATE_DIR = "state"
+EXPORT_FILE = "model.safetensors"
+META_FILE = "meta.json"
+CHECKPOINT_PREFIX = "step_"
+STEP_DIR = re.compile(rf"{CHECKPOINT_PREFIX}(\d+)")
+"""A published checkpoint directory's name; temporaries start with '.' and never match."""
+
+EVAL_TASKS = (
+    "zeroshot_classification", "zeroshot_retrieval", "geometry", "captioning", "linear_probe",
+    "image_caption_selection",
+)  # fmt: skip
+"""eval.tasks' task names, which configs name in `eval.NAME.type` (with AUTO_TASK)."""
+AUTO_TASK = "auto"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step:09d}"
+
+
+def checkpoint_step(directory: Path) -> int | None:
+    """The step of a published checkpoint directory's name (None: not one)."""
+    match = STEP_DIR.fullmatch(directory.name)
+    return int(match.group(1)) if match else None
+
+
+@dataclass
+class CheckpointMeta:
+    """meta.json: what a resume, an evaluation and a reader of the run need besides weights.
+
+    Readers take what is there: evaluation needs only the model name (or --model), a resume
+    needs every field (vlp.runstate checks)."""
+
+    step: int | None = None
+    samples_seen: int = 0
+    config: dict[str, Any] = field(default_factory=dict)
+    """The resolved run config (vlp.config.to_dict)."""
+    data: dict[str, Any] = field(default_factory=dict)
+    """{"positions": per rank {worker: position}, "stream": what the batch stream depends on}."""
+    skipped: dict[str, int] = field(default_factory=dict)
+    """Skipped samples by reason, summed over every rank and worker."""
+    versions: dict[str, str] = field(default_factory=dict)
+    """Package versions that wrote the checkpoint."""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> CheckpointMeta:
+        """Raises ValueError (json.JSONDecodeError is one) unless a JSON object whose fields,
+        where present, have their types; unknown fields are ignored."""
+        raw = json.loads(text)
+        if not isinstance(raw, dict):
+            raise ValueError("expected a JSON object")
+        known = {f.name: raw[f.name] for f in fields(cls) if f.name in raw}
+        for name, value in known.items():
+            if not isinstance(value, _TYPES.get(name, dict)) or isinstance(value, bool):
+                raise ValueError(f"{name} is {type(value).__name__}")
+        return cls(**known)
+
+    @classmethod
+    def read(cls, directory: Path) -> CheckpointMeta:
+        return cls.from_json((directory / META_FILE).read_text(encoding="utf-8"))
+
+    @property
+    def model_name(self) -> str | None:
+        model = self.config.get("model")
+        name = model.get("name") if isinstance(model, dict) else None
+        return name if isinstance(name, str) and name else None
+
+
+_TYPES: dict[str, type | tuple[type, ...]] = {"step": (int, type(None)), "samples_seen": int}
+"""CheckpointMeta's non-dict field types, checked when reading."""
