@@ -108,9 +108,30 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary,
     }
     path = WORK / f"{NAME}-quick.json" if args.quick else RESULTS / f"{NAME}.json"
+    if path.is_file():
+        keep_other_parts(payload, json.loads(path.read_text()), args.parts)
     write_results(path, payload)
     print(f"results: {path}")
     return 0
+
+
+PART_KEYS = {"scale": ("runs", "summary"), "mapped": ("mapped",), "curve": ("faiss_ivf_trained",)}
+
+
+def keep_other_parts(payload: dict[str, Any], previous: dict[str, Any], parts: list[str]) -> None:
+    """A run of some parts keeps the others' results from the previous file, each part's
+    provenance (command, commit, machine) in `kept`, so no measured part is lost."""
+    kept = dict(previous.get("kept") or {})
+    for part in PARTS:
+        if part in parts:
+            kept.pop(part, None)
+            continue
+        if not any(previous.get(key) for key in PART_KEYS[part]):
+            continue
+        for key in PART_KEYS[part]:
+            payload[key] = previous.get(key)
+        kept.setdefault(part, {k: previous.get(k) for k in ("command", "git", "machine")})
+    payload["kept"] = kept
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
