@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) ## create .venv and install vlp with its dev tools (idempotent)
 
-demo: $(STAMP) ## build the demo shards, train the demo CoCa, evaluate it, write runs/demo/report/report.md
+demo: $(STAMP) ## build the demo shards, train the demo CLIP, evaluate it, write runs/demo/report/report.md
 	$(PY) -m data_tools demo $(DEMO_DIR) --workers $(WORKERS)
 	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no \
 		--dynamo_backend no vlp/train.py

@@ -110,7 +110,7 @@ def test_training_on_corrupt_shards_completes_and_counts_every_skip(tmp_path):
             sys.executable,
             "vlp/train.py",
             "--config",
-            "configs/demo.yaml",
+            "configs/coca_demo.yaml",
             f"data.train_shards={pattern}",
             f"run.output_dir={run_dir}",
             "model.name=vlp-tiny-clip",

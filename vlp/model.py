@@ -20,6 +20,7 @@ from typing import Any
 
 import open_clip
 import torch
+from open_clip.modified_resnet import ModifiedResNet
 import torch.nn.functional as F
 from open_clip.transformer import TextTransformer, VisionTransformer, text_global_pool
 from safetensors import SafetensorError
@@ -89,6 +90,10 @@ class VLPModel(nn.Module):
         self.has_decoder = hasattr(clip, "text_decoder")
         self.trims_text = can_trim_text(clip)
         self.trims_coca_text = can_trim_coca_text(clip)
+        # a CNN tower's convolutions run about 1.5x faster on a CPU with channels-last inputs
+        # (oneDNN's native layout); a ViT's one patch convolution gains nothing, so its inputs
+        # (and its numbers) stay as they are
+        self.channels_last = isinstance(clip.visual, ModifiedResNet)
         self.patch_emb = patch_emb
         if patch_emb:
             check_patch_projection(clip.visual)
@@ -166,6 +171,8 @@ class VLPModel(nn.Module):
     def _encode_image(self, images: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """(un-normalised image embeddings [B, D], the tower's token output for CoCa's decoder
         or None, normalised patch embeddings [B, M, D] with patch_emb or None)."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         if self.patch_emb:
             return self._encode_image_with_patches(images)
         if self.has_decoder:

@@ -96,16 +96,20 @@ def _shape_change(objects: list[_Object], rng: np.random.Generator) -> dict[int,
 
 def _rewrite(caption: str, objects: list[_Object], changes: dict[int, _Object]) -> str:
     """`caption` with each changed object's phrase replaced, its size word kept or left out as
-    the caption has it. Objects never share both colour and shape, so each phrase is unique."""
+    the caption has it, and capitalised where it starts a sentence (long captions). Objects never
+    share both colour and shape, so each phrase is unique."""
+    lower = caption.lower()  # the phrases are lower-case ASCII: indices stay aligned
     spans = []
     for index, changed in changes.items():
         with_size = _phrase(objects[index], True)
-        has_size = with_size in caption
+        has_size = with_size in lower
         old = with_size if has_size else _phrase(objects[index], False)
-        start = caption.find(old)
+        start = lower.find(old)
         if start < 0:
             raise ValueError(f"{caption!r} does not name {old!r}")
-        spans.append((start, start + len(old), _phrase(changed, has_size)))
+        new = _phrase(changed, has_size)
+        new = new[0].upper() + new[1:] if caption[start].isupper() else new
+        spans.append((start, start + len(old), new))
     pieces, end = [], 0
     for start, stop, new in sorted(spans):
         pieces += [caption[end:start], new]

@@ -22,6 +22,7 @@ from eval.report.figures import (
     plot_gap_projection,
     plot_retrieval_examples,
 )
+from eval.report.headline import headline_section
 from eval.results import EvalResult, markdown_tables, write_result
 from eval.retrieval import (
     RetrievalOutputs,
@@ -73,7 +74,12 @@ def write_report(
         sections.extend(_training_sections(metrics_file, output_dir))
     if ref is not None:
         model = load_model(ref, device, precision)
-        sections.extend(_evaluation_sections(model, eval_sets, output_dir, options, num_examples))
+        evaluated, results = _evaluation_sections(
+            model, eval_sets, output_dir, options, num_examples
+        )
+        headline = headline_section(results)
+        sections[1:1] = [headline] if headline else []  # the first screen, before the curves
+        sections.extend(evaluated)
     path = output_dir / REPORT_FILE
     path.write_text("\n\n".join(sections) + "\n", encoding="utf-8")
     return path
@@ -99,7 +105,8 @@ def _evaluation_sections(
     output_dir: Path,
     options: EvalOptions,
     num_examples: int,
-) -> list[str]:
+) -> tuple[list[str], list[EvalResult]]:
+    """The evaluation sections, and every result they report."""
     step = f"step {model.step}" if model.step is not None else "weights"
     figures, results = [], []
     for dataset in eval_sets:
@@ -125,7 +132,7 @@ def _evaluation_sections(
         )  # fmt: skip
         results.append(result)
     header = f"## Evaluation of {model.name} ({step}: `{model.pretrained}`)"
-    return [header, markdown_tables(results).rstrip(), *figures]
+    return [header, markdown_tables(results).rstrip(), *figures], results
 
 
 def _classification_section(

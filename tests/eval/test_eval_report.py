@@ -32,6 +32,20 @@ def test_report_on_a_run_with_both_demo_sets(tmp_path_factory, tmp_path, capsys)
     assert "step 100" in text and "| acc1 |" in text and "| gap |" in text
     result = json.loads((report / "results" / "shapes_zeroshot_classification.json").read_text())
     assert result["dataset"] == "wds/shapes" and result["details"]["num_samples"] == 40
+    _check_headline(text, report / "results")
+
+
+def _check_headline(text: str, results_dir) -> None:
+    """The first section states each headline figure, as in the result files, beside chance."""
+    assert text.index("## Results at a glance") < text.index("## Training")
+    shapes = json.loads((results_dir / "shapes_zeroshot_classification.json").read_text())
+    retrieval = json.loads((results_dir / "retrieval_zeroshot_retrieval.json").read_text())
+    acc1, chance = shapes["metrics"]["acc1"], 1 / shapes["details"]["num_classes"]
+    assert f"| wds/shapes | zero-shot acc1 | {acc1:.3f} | {chance:.3f} |" in text
+    chance = 1 / retrieval["details"]["num_images"]
+    for label, key in (("text→image", "image"), ("image→text", "text")):
+        value = retrieval["metrics"][f"{key}_retrieval_recall@1"]
+        assert f"| wds/retrieval | {label} R@1 | {value:.3f} | {chance:.3f} |" in text
 
 
 def test_curves_group_training_and_eval_keys(tmp_path):

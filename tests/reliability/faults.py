@@ -49,7 +49,7 @@ def demo_shards(out: Path, num_samples: int = 240, per_shard: int = 30) -> str:
 def train_command(shards: str, run_dir: Path, steps: int, *extra: str) -> list[str]:
     """A deterministic tiny-CLIP run that checkpoints every step (keep 2: deletions too)."""
     return [
-        sys.executable, "vlp/train.py", "--config", "configs/demo.yaml",
+        sys.executable, "vlp/train.py", "--config", "configs/coca_demo.yaml",
         f"data.train_shards={shards}", f"run.output_dir={run_dir}", "model.name=vlp-tiny-clip",
         "objectives.caption.weight=0", "data.batch_size=8", "data.workers=2",
         "data.shuffle_buffer=60", f"train.steps={steps}", "train.warmup_steps=2",
@@ -393,7 +393,7 @@ def train_one_pass(faulty: FaultySet, run_dir: Path, batch: int) -> PassReport:
 
     steps = faulty.good // batch
     assert steps * batch == faulty.good, "the batch size must divide the good samples"
-    code = main(["--config", "configs/demo.yaml", f"data.train_shards={faulty.pattern}",
+    code = main(["--config", "configs/coca_demo.yaml", f"data.train_shards={faulty.pattern}",
                  f"run.output_dir={run_dir}", "model.name=vlp-tiny-clip",
                  "objectives.caption.weight=0", f"data.batch_size={batch}", "data.workers=0",
                  "data.shuffle_buffer=1", f"train.steps={steps}", f"checkpoint.every_steps={steps}",

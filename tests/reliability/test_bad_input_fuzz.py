@@ -69,7 +69,7 @@ def test_vlp_train_exits_2_with_one_line_for_any_rejected_override(key, value):
         assume(False)  # a valid config would start training: not this test's business
     except ConfigError:
         pass
-    _check_one_line(lambda: train_main(["--config", "configs/demo.yaml", override]), "vlp-train")
+    _check_one_line(lambda: train_main(["--config", "configs/coca_demo.yaml", override]), "vlp-train")
 
 
 @FUZZ_TRAIN
@@ -148,7 +148,7 @@ def _exit_code(main, argv: list[str]) -> int:
 @pytest.mark.parametrize(
     "argv",
     [
-        ["vlp/train.py", "--config", "configs/demo.yaml", "data.sources.0.shards=x"],
+        ["vlp/train.py", "--config", "configs/coca_demo.yaml", "data.sources.0.shards=x"],
         ["-m", "data_tools", "demo", "/tmp/x", "--image-size", "99999999999999999999999"],
         ["-m", "eval", "--checkpoint", "/nonexistent", "--dataset", "/nonexistent"],
     ],

@@ -68,7 +68,7 @@ def test_training_completes_and_counts_every_skip_by_reason(faulty, tmp_path):
 def test_wrong_member_keys_stop_after_one_whole_pool(faulty, tmp_path, capsys):
     """Every sample bad is a configuration mistake: one line naming the members found, exit 2
     (and one bad first sample alone, as in the test above, never triggers it)."""
-    code = main(["--config", "configs/demo.yaml", f"data.train_shards={faulty.pattern}",
+    code = main(["--config", "configs/coca_demo.yaml", f"data.train_shards={faulty.pattern}",
                  f"run.output_dir={tmp_path}", "model.name=vlp-tiny-clip",
                  "objectives.caption.weight=0", "data.workers=0", "data.shuffle_buffer=1",
                  "data.text_key=caption", "run.trackers=[]", *NO_DEMO_EVAL])  # fmt: skip

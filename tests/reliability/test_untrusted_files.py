@@ -31,7 +31,7 @@ def demo(tmp_path_factory) -> tuple[str, Path]:
 
 
 def _train(shards: str, run_dir: Path, *extra: str) -> int:
-    return train_main(["--config", "configs/demo.yaml", f"data.train_shards={shards}",
+    return train_main(["--config", "configs/coca_demo.yaml", f"data.train_shards={shards}",
                        f"run.output_dir={run_dir}", "model.name=vlp-tiny-clip",
                        "objectives.caption.weight=0", "data.batch_size=4", "data.workers=0",
                        "data.shuffle_buffer=15", "train.steps=1", "run.trackers=[]",
