@@ -20,8 +20,8 @@ from typing import Any
 
 import open_clip
 import torch
-from open_clip.modified_resnet import ModifiedResNet
 import torch.nn.functional as F
+from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import TextTransformer, VisionTransformer, text_global_pool
 from safetensors import SafetensorError
 from torch import Tensor, nn

@@ -69,7 +69,9 @@ def test_vlp_train_exits_2_with_one_line_for_any_rejected_override(key, value):
         assume(False)  # a valid config would start training: not this test's business
     except ConfigError:
         pass
-    _check_one_line(lambda: train_main(["--config", "configs/coca_demo.yaml", override]), "vlp-train")
+    _check_one_line(
+        lambda: train_main(["--config", "configs/coca_demo.yaml", override]), "vlp-train"
+    )
 
 
 @FUZZ_TRAIN
