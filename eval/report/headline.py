@@ -16,13 +16,10 @@ def headline_section(results: list[EvalResult]) -> str | None:
     rows = [row for result in results for row in _rows(result)]
     if not rows:
         return None
-    lines = [
-        "## Results at a glance",
-        "A model that learned nothing scores the chance column.",
-        "| eval set | metric | achieved | chance |\n|---|---|---:|---:|",
-    ]
-    lines.append("\n".join(f"| {s} | {m} | {v:.3f} | {c:.3f} |" for s, m, v, c in rows))
-    return "\n\n".join(lines)
+    table = ["| eval set | metric | achieved | chance |", "|---|---|---:|---:|"]
+    table += [f"| {s} | {m} | {v:.3f} | {c:.3f} |" for s, m, v, c in rows]
+    heading = "## Results at a glance\n\nA model that learned nothing scores the chance column."
+    return f"{heading}\n\n" + "\n".join(table)
 
 
 def _rows(result: EvalResult) -> list[Row]:

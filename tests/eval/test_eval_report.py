@@ -41,7 +41,8 @@ def _check_headline(text: str, results_dir) -> None:
     shapes = json.loads((results_dir / "shapes_zeroshot_classification.json").read_text())
     retrieval = json.loads((results_dir / "retrieval_zeroshot_retrieval.json").read_text())
     acc1, chance = shapes["metrics"]["acc1"], 1 / shapes["details"]["num_classes"]
-    assert f"| wds/shapes | zero-shot acc1 | {acc1:.3f} | {chance:.3f} |" in text
+    table = f"|---|---|---:|---:|\n| wds/shapes | zero-shot acc1 | {acc1:.3f} | {chance:.3f} |\n"
+    assert table in text  # the table's first row right under its header: one markdown table
     chance = 1 / retrieval["details"]["num_images"]
     for label, key in (("text→image", "image"), ("image→text", "text")):
         value = retrieval["metrics"][f"{key}_retrieval_recall@1"]
