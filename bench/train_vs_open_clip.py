@@ -969,7 +969,7 @@ class StepFixture:
         import torch
         import torch.nn.functional as F
 
-        from vlp.model import decoder_states
+        from vlp.openclip_compat import decoder_states
 
         clip, text, length = self.clip, self.text, self.length
         decoder = clip.text_decoder

@@ -14,13 +14,13 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.factory import load_state_dict
-from open_clip.transformer import text_global_pool
 from safetensors import SafetensorError
 from torch import Tensor
 
 from eval.checkpoints import CheckpointRef
 from eval.errors import UsageError
 from vlp.model import register_model_configs
+from vlp.openclip_compat import can_trim_text, clip_text
 
 PRECISIONS: dict[str, torch.dtype | None] = {
     "fp32": None,
@@ -66,8 +66,7 @@ class EvalModel:
         with self._inference():
             if self._trims_text():
                 length = int(prefix_lengths(tokens).max())
-                encode = _TEXT_PREFIX_ENCODERS[type(self.module)]
-                features = encode(self.module, tokens[:, :length].to(self.device))
+                features = clip_text(self.module, tokens[:, :length].to(self.device))
             else:
                 features = self.module.encode_text(tokens.to(self.device))
         return F.normalize(features.float(), dim=-1).cpu()
@@ -79,7 +78,7 @@ class EvalModel:
         return torch.full((tokens.shape[0],), tokens.shape[1])
 
     def _trims_text(self) -> bool:
-        return type(self.module) in _TEXT_PREFIX_ENCODERS and _can_trim(self.module)
+        return can_trim_text(self.module, pools=("argmax",))  # prefix_lengths cut at argmax
 
     @contextlib.contextmanager
     def _inference(self) -> Iterator[None]:
@@ -98,34 +97,6 @@ def prefix_lengths(tokens: Tensor) -> Tensor:
     open_clip's own argmax pooling relies on).
     """
     return tokens.argmax(dim=-1) + 1
-
-
-def _can_trim(module: open_clip.CLIP) -> bool:
-    return module.attn_mask is not None and module.text_pool_type == "argmax"
-
-
-def _clip_text_prefix(module: open_clip.CLIP, tokens: Tensor) -> Tensor:
-    """open_clip.CLIP.encode_text on tokens cut to the batch's longest caption.
-
-    CLIP.encode_text adds the full-length positional embedding and causal mask, so it only
-    accepts full-length rows; slicing both to L is exact because of the causal mask.
-    """
-    length = tokens.shape[1]
-    cast_dtype = module.transformer.get_cast_dtype()
-    x = module.token_embedding(tokens).to(cast_dtype)  # (B, L, width)
-    x = x + module.positional_embedding[:length].to(cast_dtype)
-    x = module.transformer(x, attn_mask=module.attn_mask[:length, :length])
-    x = module.ln_final(x)
-    pooled = text_global_pool(x, tokens, module.text_pool_type)  # (B, width)
-    if isinstance(module.text_projection, torch.nn.Linear):
-        return module.text_projection(pooled)
-    return pooled if module.text_projection is None else pooled @ module.text_projection
-
-
-_TEXT_PREFIX_ENCODERS: dict[type, Callable[[torch.nn.Module, Tensor], Tensor]] = {
-    open_clip.CLIP: _clip_text_prefix,
-}
-"""Exact model classes whose text tower can skip trailing padding (see `encode_tokens`)."""
 
 
 def default_device() -> str:

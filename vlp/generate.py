@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlp.config import GenerationConfig
+from vlp.openclip_compat import cross_block, cross_keys_values
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ class _Steps:
         decoder = model.text_decoder
         if not decoder.batch_first:
             raise ValueError("caption generation needs a batch-first open_clip decoder")
-        self.cross = [_keys_values(block, image_tokens) for block in decoder.cross_attn]
+        self.cross = [cross_keys_values(block, image_tokens) for block in decoder.cross_attn]
 
     def keep(self, images: Tensor) -> None:
         """Drop every image but `images` (indices into the current ones, in this order)."""
@@ -86,45 +87,9 @@ class _Steps:
         for block, cross, keys_values in zip(
             decoder.resblocks, decoder.cross_attn, self.cross, strict=True
         ):
-            x = block(x, attn_mask=mask)
-            attended = _cross_attention(cross, cross.ln_1(x), *keys_values)
-            x = x + cross.ls_1(attended)
-            x = x + cross.ls_2(cross.mlp(cross.ln_2(x)))
+            x = cross_block(cross, block(x, attn_mask=mask), *keys_values)
         last = decoder.ln_final(x[:, -1])  # (A * G, W)
         return (last @ decoder.text_projection).float()
-
-
-def _keys_values(block: nn.Module, image_tokens: Tensor) -> tuple[Tensor, Tensor]:
-    """A cross-attention block's keys and values of (B, I, W) image tokens: (B, H, I, W / H)
-    each, as its nn.MultiheadAttention projects them (after the block's ln_1_kv)."""
-    attn = block.attn
-    width = attn.embed_dim
-    normed = block.ln_1_kv(image_tokens)
-    keys = F.linear(
-        normed, attn.in_proj_weight[width : 2 * width], attn.in_proj_bias[width : 2 * width]
-    )
-    values = F.linear(normed, attn.in_proj_weight[2 * width :], attn.in_proj_bias[2 * width :])
-    return _heads(keys, attn.num_heads), _heads(values, attn.num_heads)
-
-
-def _heads(x: Tensor, num_heads: int) -> Tensor:
-    """(N, L, W) -> (N, H, L, W / H)."""
-    return x.unflatten(2, (num_heads, -1)).transpose(1, 2)
-
-
-def _cross_attention(block: nn.Module, queries: Tensor, keys: Tensor, values: Tensor) -> Tensor:
-    """nn.MultiheadAttention(queries, image tokens) of `block` with cached keys and values.
-
-    queries (A * G, t, W); keys, values (A, H, I, W / H). Cross-attention has no mask, so the G
-    prefixes of an image are stacked along the query axis and share its keys and values.
-    """
-    attn = block.attn
-    rows, length, width = queries.shape
-    images = keys.shape[0]
-    q = F.linear(queries, attn.in_proj_weight[:width], attn.in_proj_bias[:width])
-    q = _heads(q.reshape(images, rows // images * length, width), attn.num_heads)
-    out = F.scaled_dot_product_attention(q, keys, values)  # (A, H, G * t, W / H)
-    return attn.out_proj(out.transpose(1, 2).reshape(rows, length, width))
 
 
 def forbid(logits: Tensor, prefixes: Tensor, special: SpecialTokens, config: GenerationConfig):

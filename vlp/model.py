@@ -22,12 +22,19 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.modified_resnet import ModifiedResNet
-from open_clip.transformer import TextTransformer, VisionTransformer, text_global_pool
 from safetensors import SafetensorError
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from vlp.config import ConfigError
+from vlp.openclip_compat import (
+    can_trim_coca_text,
+    can_trim_text,
+    check_patch_projection,
+    clip_text,
+    coca_text,
+    decoder_states,
+    image_with_patches,
+)
 from vlp.prototypes import ProjectionHead
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
@@ -187,63 +194,25 @@ class VLPModel(nn.Module):
 
     def _encode_image_with_patches(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(un-normalised image embeddings [B, D], the tower's usual token output (CoCa's
-        decoder input), normalised patch embeddings [B, M, D]) from one pass of the image tower.
-
-        open_clip's VisionTransformer.forward, also keeping the transformer's output: the
-        patch tokens (CLS dropped) before any attention pooler, through the tower's own
-        ln_post and projection, the same map that takes CLIP's CLS token to the joint space.
-        """
-        visual = self.clip.visual
-        x = visual.transformer(visual._embeds(images))
-        pooled, tokens = visual._pool(x)
-        pooled = pooled @ visual.proj
-        patches = visual.ln_post(x[:, 1:]) @ visual.proj
+        decoder input), normalised patch embeddings [B, M, D]) from one pass of the image tower."""
+        pooled, tokens, patches = image_with_patches(self.clip.visual, images)
         return pooled, tokens, F.normalize(patches, dim=-1)
 
     def _encode_text(self, tokens: Tensor, normalize: bool = True) -> Tensor:
         """Text embeddings [N, D]; drops trailing padding where that is exact."""
         if not self.trims_text:
             return self.clip.encode_text(tokens, normalize=normalize)
-        # open_clip's CLIP.encode_text, with the positional table and causal mask cut to the
-        # batch's longest caption (it always adds the full-length table, so it cannot be fed less)
-        clip, length = self.clip, longest(tokens, self.pad_id)
-        tokens = tokens[:, :length]
-        cast = clip.transformer.get_cast_dtype()
-        x = clip.token_embedding(tokens).to(cast) + clip.positional_embedding[:length].to(cast)
-        x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask[:length, :length]))
-        x = text_global_pool(
-            x, tokens, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None)
-        )
-        projection = clip.text_projection
-        x = projection(x) if isinstance(projection, nn.Linear) else x @ projection
+        x = clip_text(self.clip, tokens[:, : longest(tokens, self.pad_id)])
         return F.normalize(x, dim=-1) if normalize else x
 
     def _encode_coca_text(self, tokens: Tensor, normalize: bool = True) -> tuple[Tensor, Tensor]:
-        """CoCa text tower: (embeddings [N, D], token states [N, L', W]).
-
-        open_clip appends the CLS token after the full padded context. Here the context is cut
-        to the longest caption + 1 (open_clip's CLS mask lets CLS see the first padding
-        position), and CLS keeps its full-context positional embedding, so every kept output
-        equals open_clip's: tokens are causal, and CLS never sees the padding dropped.
-        """
+        """CoCa text tower: (embeddings [N, D], token states [N, L', W]), L' = the longest
+        caption + 1 where that is exact (openclip_compat.coca_text)."""
         if not self.trims_coca_text:
             return self.clip._encode_text(tokens, normalize=normalize)
-        text, full = self.clip.text, tokens.shape[1]
-        keep = min(full, longest(tokens, self.pad_id) + 1)
-        tokens = tokens[:, :keep]
-        cast = text.transformer.get_cast_dtype()
-        cls = text.cls_emb.to(cast).expand(tokens.shape[0], 1, -1)
-        x = torch.cat([text.token_embedding(tokens).to(cast), cls], dim=1)
-        positions = torch.cat([text.positional_embedding[:keep], text.positional_embedding[full:]])
-        x = x + positions.to(cast)
-        mask = text.attn_mask[: keep + 1, : keep + 1] + text._build_additive_mask(
-            tokens, keep + 1, x.dtype
-        )
-        x = text.transformer(x, attn_mask=mask)
-        pooled = text.ln_final(x[:, -1])
-        projection = text.text_projection
-        pooled = projection(pooled) if isinstance(projection, nn.Linear) else pooled @ projection
-        return F.normalize(pooled, dim=-1) if normalize else pooled, x[:, :-1]
+        keep = min(tokens.shape[1], longest(tokens, self.pad_id) + 1)
+        pooled, states = coca_text(self.clip.text, tokens, keep)
+        return F.normalize(pooled, dim=-1) if normalize else pooled, states
 
     def _caption(self, image_tokens: Tensor, token_embs: Tensor, tokens: Tensor):
         """Teacher forcing: position i predicts token i+1. The shift happens here and only here.
@@ -261,74 +230,10 @@ class VLPModel(nn.Module):
         return states[valid] @ decoder.text_projection, targets[valid]  # [N, V], [N]
 
 
-def decoder_states(decoder: nn.Module, image_tokens: Tensor, text_embs: Tensor) -> Tensor:
-    """open_clip's MultimodalTransformer.forward without its final vocabulary projection.
-
-    image_tokens [B, I, W], text_embs [B, L, W] -> [B, L, W] after ln_final.
-    """
-    length = text_embs.shape[1]
-    mask = decoder.attn_mask[:length, :length]
-    if not decoder.batch_first:
-        image_tokens, text_embs = image_tokens.transpose(0, 1), text_embs.transpose(0, 1)
-    for block, cross in zip(decoder.resblocks, decoder.cross_attn, strict=True):
-        if decoder.grad_checkpointing:
-            text_embs = checkpoint(block, text_embs, None, None, mask, use_reentrant=False)
-            text_embs = checkpoint(
-                cross, text_embs, image_tokens, image_tokens, None, use_reentrant=False
-            )
-        else:
-            text_embs = block(text_embs, attn_mask=mask)
-            text_embs = cross(text_embs, k_x=image_tokens, v_x=image_tokens)
-    if not decoder.batch_first:
-        text_embs = text_embs.transpose(0, 1)
-    return decoder.ln_final(text_embs)
-
-
-def check_patch_projection(visual: nn.Module) -> None:
-    """Patch embeddings need open_clip's ViT whose ln_post and proj fit its token width."""
-    if type(visual) is not VisionTransformer or visual.proj is None:
-        raise ConfigError(
-            "objectives.subcaption_grouping needs patch embeddings: the model's image tower must "
-            "be open_clip's VisionTransformer with a projection (not a timm or ResNet tower)"
-        )
-    width = visual.conv1.out_channels
-    if visual.ln_post.normalized_shape[0] != width or visual.proj.shape[0] != width:
-        raise ConfigError(
-            f"objectives.subcaption_grouping needs patch embeddings, but the image tower's width "
-            f"{width} differs from its projection's input {visual.proj.shape[0]} (a CoCa needs "
-            "embed_dim equal to vision width): choose such a model config"
-        )
-
-
 def longest(tokens: Tensor, pad_id: int) -> int:
     """1 + the last non-padding position over the whole batch (tokens [..., L])."""
     used = (tokens != pad_id).flatten(0, -2).any(0).nonzero()
     return int(used.max()) + 1 if len(used) else 1
-
-
-def can_trim_text(clip: nn.Module) -> bool:
-    """Whether dropping trailing padding leaves open_clip's text embeddings unchanged.
-
-    True for the classic CLIP text tower with a causal mask and a pooled position that does not
-    move (argmax/eos/first): every kept position sees the same tokens, and the pooled one is
-    kept. CoCa's text tower is handled by can_trim_coca_text.
-    """
-    return (
-        type(clip) is open_clip.CLIP
-        and getattr(clip, "attn_mask", None) is not None
-        and getattr(clip, "text_pool_type", None) in ("argmax", "eos", "first")
-    )
-
-
-def can_trim_coca_text(clip: nn.Module) -> bool:
-    """Whether VLPModel._encode_coca_text applies: open_clip's own causal CoCa text tower."""
-    text = getattr(clip, "text", None)
-    return (
-        type(text) is TextTransformer
-        and text.cls_emb is not None
-        and text.attn_mask is not None
-        and not text.use_pad_mask
-    )
 
 
 def build_model(model_cfg: Any, patch_emb: bool = False) -> tuple[VLPModel, Any, Any, Any]:
