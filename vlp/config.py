@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from vlp.runlayout import AUTO_TASK, EVAL_TASKS
@@ -516,12 +516,17 @@ def _eval_checks(evaluators: dict[str, EvalConfig]) -> list[tuple[bool, str, str
     return checks
 
 
+BASE_KEY = "base"
+"""A config file's key naming the config it extends (`base: demo.yaml`)."""
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Schema <- YAML file <- `key=value` overrides; raise ConfigError on any mistake."""
     schema = OmegaConf.structured(Config)
     merged = schema
-    if path is not None:
-        merged = _merge(merged, _read_yaml(Path(path)), "", schema, prefix=f"{path}: ")
+    for file, layer in _file_layers(Path(path)) if path is not None else []:
+        _drop_evaluators(merged, layer)
+        merged = _merge(merged, layer, "", schema, prefix=f"{file}: ")
     for item in _check_overrides(overrides):  # one at a time: an error names its override
         merged = _merge(merged, _parse_override(item), item.partition("=")[0], schema)
     try:
@@ -530,6 +535,43 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         # resolving an interpolation may fail without a key: blame the overrides that have one
         suspects = [item.partition("=")[0] for item in overrides if "${" in item]
         raise ConfigError(_explain(err, schema, ", ".join(suspects) or str(path))) from None
+
+
+def config_files(path: Path) -> list[Path]:
+    """The config file and the bases it names (`base: FILE`), the first base first."""
+    return [file for file, _ in _file_layers(path)]
+
+
+def _file_layers(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[Path, DictConfig]]:
+    """(file, YAML without its `base` key) for `path` and its bases, the first base first.
+
+    A file's `base: OTHER.yaml` (relative to the file's folder) is loaded first and the file
+    merged onto it: mappings merge key by key, anything else (lists included) is replaced.
+    """
+    if path.resolve() in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, path.resolve()))
+        raise ConfigError(f"{path}: {BASE_KEY}: the configs name each other in a cycle ({cycle})")
+    layer = _read_yaml(path)
+    base = layer.pop(BASE_KEY, None) if isinstance(layer, DictConfig) else None
+    if base is None:
+        return [(path, layer)]
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{path}: {BASE_KEY}: must name a config file, got {base!r}")
+    parent = path.parent / base
+    if not parent.is_file():
+        raise ConfigError(f"{path}: {BASE_KEY}: {parent}: no such config file")
+    return [*_file_layers(parent, (*chain, path.resolve())), (path, layer)]
+
+
+def _drop_evaluators(merged: DictConfig, layer: Any) -> None:
+    """`eval.NAME: null` in a file removes the evaluator NAME that its bases define."""
+    evaluators = layer.get("eval") if isinstance(layer, DictConfig) else None
+    if not isinstance(evaluators, DictConfig):
+        return
+    for name in [name for name, value in evaluators.items() if value is None]:
+        del evaluators[name]
+        if name in merged.eval:
+            del merged.eval[name]
 
 
 def _parse_override(item: str):

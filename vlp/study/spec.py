@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from vlp.config import Config, ConfigError, load_config
+from vlp.config import Config, ConfigError, config_files, load_config
 
 REQUIRED = ("config", "variants", "baseline", "seeds")
 OPTIONAL = ("overrides", "groups", "eval", "score", "prepare", "headline")
@@ -142,8 +142,11 @@ def load_study(path: Path, output_dir: Path | None = None) -> Study:
 
 
 def _content_hash(config: Path) -> str:
-    """SHA-256 of the config's values (comments and layout may change; values may not)."""
-    values = json.dumps(yaml.safe_load(config.read_text()), sort_keys=True, default=str)
+    """SHA-256 of the values of the config and its bases (comments and layout may change;
+    values may not)."""
+    layers = [yaml.safe_load(file.read_text()) for file in config_files(config)]
+    # one file hashes as before bases existed, so existing study directories still match
+    values = json.dumps(layers[0] if len(layers) == 1 else layers, sort_keys=True, default=str)
     return hashlib.sha256(values.encode()).hexdigest()
 
 
