@@ -17,7 +17,7 @@ from vlp.runlayout import (
     EXPORT_FILE,
     META_FILE,
     CheckpointMeta,
-    checkpoint_step,
+    complete_checkpoints,
 )
 
 
@@ -36,25 +36,15 @@ def is_run_dir(path: Path) -> bool:
     return (path / CHECKPOINT_DIR).is_dir()
 
 
-def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """(step, directory) of every complete checkpoint of `run_dir`, by increasing step."""
-    found = []
-    for child in (run_dir / CHECKPOINT_DIR).iterdir():
-        step = checkpoint_step(child)
-        if step is not None and (child / META_FILE).is_file():
-            found.append((step, child))
-    return sorted(found)
-
-
 def latest_checkpoint(run_dir: Path) -> Path:
     """The complete checkpoint with the highest step; a usage error if there is none."""
-    found = complete_checkpoints(run_dir)
+    found = complete_checkpoints(run_dir / CHECKPOINT_DIR)
     if not found:
         raise UsageError(
             f"{run_dir / CHECKPOINT_DIR}: no complete checkpoint (a step_* directory with "
             f"{META_FILE}); wait for the first checkpoint or pass a checkpoint directory"
         )
-    return found[-1][1]
+    return found[-1]
 
 
 def resolve_checkpoint(path: Path, model_name: str | None = None) -> CheckpointRef:

@@ -33,13 +33,12 @@ from torch import Tensor
 from vlp.config import ConfigError
 from vlp.runlayout import (
     CHECKPOINT_DIR,
-    CHECKPOINT_PREFIX,
     EXPORT_FILE,
     META_FILE,
     STATE_DIR,
     CheckpointMeta,
     checkpoint_name,
-    checkpoint_step,
+    complete_checkpoints,
 )
 
 VERSIONED = ("vlp", "torch", "open_clip_torch", "accelerate", "webdataset")
@@ -163,12 +162,6 @@ def _fsync_tree(directory: Path) -> None:
 def _prune(root: Path, keep: int) -> None:
     for old in complete_checkpoints(root)[:-keep]:
         _delete(old)
-
-
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Published checkpoints in step order (hidden temporaries never count)."""
-    found = [p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if checkpoint_step(p) is not None]
-    return sorted((p for p in found if (p / META_FILE).is_file()), key=checkpoint_step)
 
 
 def resolve(resume: str, run_dir: Path) -> Path | None:

@@ -49,6 +49,13 @@ def checkpoint_step(directory: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def complete_checkpoints(root: Path) -> list[Path]:
+    """The published checkpoints in RUN/checkpoints (`root`), in step order: step_N directories
+    with a meta.json, which a save writes last; hidden temporaries never count."""
+    found = [p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if checkpoint_step(p) is not None]
+    return sorted((p for p in found if (p / META_FILE).is_file()), key=checkpoint_step)
+
+
 @dataclass
 class CheckpointMeta:
     """meta.json: what a resume, an evaluation and a reader of the run need besides weights.

@@ -11,9 +11,10 @@ import pytest
 import torch
 from evalkit import REPO, demo_eval_sets, tiny_run, write_checkpoint
 
-from eval.checkpoints import complete_checkpoints, latest_checkpoint, resolve_checkpoint
+from eval.checkpoints import latest_checkpoint, resolve_checkpoint
 from eval.cli import build_parser, main
 from eval.models import EvalModel, load_model
+from vlp.runlayout import CHECKPOINT_DIR, checkpoint_step, complete_checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,8 @@ def test_latest_checkpoint_ignores_unfinished_ones(tmp_path):
         write_checkpoint(run_dir / "checkpoints" / f"step_{step:09d}", "vlp-tiny-clip", step)
     (run_dir / "checkpoints" / ".step_000000400").mkdir()  # being written
     (run_dir / "checkpoints" / "step_000000500").mkdir()  # no meta.json yet
-    assert [step for step, _ in complete_checkpoints(run_dir)] == [100, 300]
+    found = complete_checkpoints(run_dir / CHECKPOINT_DIR)
+    assert [checkpoint_step(p) for p in found] == [100, 300]
     assert latest_checkpoint(run_dir).name == "step_000000300"
     for path in (run_dir, run_dir / "checkpoints"):
         ref = resolve_checkpoint(path)
