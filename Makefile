@@ -46,7 +46,7 @@ bench: $(STAMP) ## run the CPU benchmarks against their peers; results in bench/
 	$(PY) bench/dreamlip_ablation.py
 	$(PY) bench/readme_table.py
 
-STUDIES ?= studies/gap.yaml studies/dreamlip.yaml studies/protoclip.yaml
+STUDIES ?= studies/gap.yaml studies/gap_finetune.yaml studies/dreamlip.yaml studies/protoclip.yaml
 STUDY_JOBS ?= 1
 studies: $(STAMP) ## multi-seed method studies (hours on 2 cores; resumable): study.md, README tables
 	@for study in $(STUDIES); do \

@@ -116,6 +116,12 @@ def _add_sources(commands, common) -> None:
         "--eval-samples", type=int, default=1000, help="samples in each eval set (default: 1000)"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--weak-captions",
+        action="store_true",
+        help="training captions name one object of each scene; the long captions in the "
+        "sidecar describe all (DreamLIP's setting); no hard negatives are written",
+    )
 
     p = _add(
         commands,

@@ -252,7 +252,11 @@ def run_demo(args: argparse.Namespace) -> int:
     opts = write_options(args)
     check_count(args.num_samples, "--num-samples")
     check_count(args.eval_samples, "--eval-samples")
-    train = DemoNegatives(demo.DemoSource(args.num_samples, image.size, args.seed))
+    train = demo.DemoSource(
+        args.num_samples, image.size, args.seed, weak_captions=args.weak_captions
+    )
+    # negatives rewrite every object of a caption; a weak caption names one of them
+    train = train if args.weak_captions else DemoNegatives(train)
     write_train(train, args.out, args, image)
     shapes = demo.ShapesEvalSource(args.eval_samples, image.size, args.seed)
     summary = write_classification_set(

@@ -101,6 +101,20 @@ def test_a_third_of_training_captions_are_long_and_their_negatives_rewrite_them(
             assert negative.count(".") == sample.caption.count(".")
 
 
+def test_weak_captions_name_one_object_of_the_same_scenes():
+    default, weak = demo.DemoSource(200, 32), demo.DemoSource(200, 32, weak_captions=True)
+    for i in range(len(weak)):
+        plain, sample = default.read(i), weak.read(i)
+        assert sample.image.tobytes() == plain.image.tobytes() and sample.meta == plain.meta
+        objects = [demo._Object(**obj) for obj in sample.meta["objects"]]
+        named = [
+            o for o in objects if any(demo._phrase(o, s) in sample.caption for s in (False, True))
+        ]
+        assert len(named) == 1 and "." not in sample.caption  # one object, never a long caption
+    assert weak.describe()["weak_captions"] and "weak_captions" not in default.describe()
+    assert weak.describe()["long_fraction"] == 0.0
+
+
 def _final_eval(run_dir: Path) -> dict[str, float]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {k: v for r in records for k, v in r.items() if k.startswith("eval/")}

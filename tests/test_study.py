@@ -383,3 +383,15 @@ def test_a_changed_study_or_base_config_is_refused_with_one_line(micro):
     finally:
         study.write_text(original_study)
         base.write_text(original_base)
+
+
+SHIPPED = [p for p in sorted((REPO / "studies").glob("*.yaml")) if "\nvariants:" in p.read_text()]
+"""Study files (the others are their base run configs, resolved through them)."""
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_study_files_and_their_run_configs_resolve(path, monkeypatch):
+    monkeypatch.chdir(REPO)  # study files name their configs relative to the repository
+    study = load_study(path.relative_to(REPO))
+    assert study.baseline in study.variants and len(study.seeds) >= 3
+    assert len(study.runs) == len(study.seeds) * len(study.variants) * len(study.groups)

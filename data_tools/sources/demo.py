@@ -385,7 +385,11 @@ class _Generated(Source):
 
 class DemoSource(_Generated):
     """Training pairs: image + caption (the raw caption, or for `long_fraction` of scenes one of
-    the long captions); the raw and long captions and the objects go to the sidecar."""
+    the long captions); the raw and long captions and the objects go to the sidecar.
+
+    `weak_captions`: the caption names one of the scene's objects (drawn at random), never its
+    long caption: DreamLIP's setting of a short, weak raw caption next to rich long captions.
+    """
 
     kind = "demo"
 
@@ -397,19 +401,23 @@ class DemoSource(_Generated):
         split: str = "train",
         single_fraction: float = SINGLE_FRACTION,
         long_fraction: float = LONG_CAPTION_FRACTION,
+        weak_captions: bool = False,
     ):
         super().__init__(num_samples, image_size, seed, f"demo/{split}")
         for name, value in (("single_fraction", single_fraction), ("long_fraction", long_fraction)):
             if not 0 <= value <= 1:
                 raise UsageError(f"{name} must be in [0, 1], got {value}")
         self.split, self.single_fraction = split, single_fraction
-        self.long_fraction = long_fraction
+        self.long_fraction = 0.0 if weak_captions else long_fraction
+        self.weak_captions = weak_captions
 
     def read(self, index: int) -> RawSample:
         rng = self._rng(index)
         scene = _scene(rng, self.image_size, _training_objects(rng, self.single_fraction))
         long = rng.random() < self.long_fraction
         caption = scene.long[rng.integers(len(scene.long))] if long else scene.raw
+        if self.weak_captions:  # drawn last: the default stream stays as it was
+            caption = _raw_caption([scene.objects[rng.integers(len(scene.objects))]], rng)
         meta = {
             "raw": scene.raw,
             "long": scene.long,
@@ -425,6 +433,7 @@ class DemoSource(_Generated):
             "split": self.split,
             "single_fraction": self.single_fraction,
             "long_fraction": self.long_fraction,
+            **({"weak_captions": True} if self.weak_captions else {}),
         }
 
     def locate(self, index: int) -> str:
