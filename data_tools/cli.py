@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = _common_options()
-    _add_sources(commands, common)
+    _add_generated_sources(commands, common)
+    _add_file_sources(commands, common)
     _add_eval_and_verify(commands, common)
     return parser
 
@@ -100,7 +101,8 @@ def _add(commands, common, name: str, help: str, run) -> argparse.ArgumentParser
     return parser
 
 
-def _add_sources(commands, common) -> None:
+def _add_generated_sources(commands, common) -> None:
+    """Sources vlp-shard draws itself: the demo scenes and Fashion-MNIST (single or mosaics)."""
     p = _add(
         commands,
         common,
@@ -143,6 +145,9 @@ def _add_sources(commands, common) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
 
+
+def _add_file_sources(commands, common) -> None:
+    """Sources read from the user's files: tables, folders, datasets, existing shards."""
     p = _add(
         commands,
         common,

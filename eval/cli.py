@@ -15,13 +15,7 @@ from pathlib import Path
 
 from eval.errors import UsageError
 from eval.options import EvalOptions
-from vlp.config import (
-    CAPTION_METHODS,
-    GenerationConfig,
-    ProbeConfig,
-    caption_checks,
-    probe_checks,
-)
+from vlp.config import CAPTION_METHODS, GenerationConfig, ProbeConfig
 
 PROG = "vlp-eval"
 REPORT = "report"
@@ -249,8 +243,8 @@ def _options(args: argparse.Namespace) -> EvalOptions:
     caption = GenerationConfig(**{k: getattr(args, "caption_" + k) for k in _FLAGS["caption"]})
     probe = ProbeConfig(**{k: getattr(args, "probe_" + k) for k in _FLAGS["probe"]})
     for section, config, checks in (
-        ("caption", caption, caption_checks(caption)),
-        ("probe", probe, probe_checks(probe)),
+        ("caption", caption, caption.checks()),
+        ("probe", probe, probe.checks()),
     ):
         for ok, key, expected in checks:
             if not ok:

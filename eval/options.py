@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vlp.config import GenerationConfig, ProbeConfig, caption_checks, probe_checks
+from vlp.config import GenerationConfig, ProbeConfig
 
 RECALL_KS = (1, 5, 10)
 
@@ -40,8 +40,8 @@ class EvalOptions:
         if not self.recall_ks or min(self.recall_ks) < 1:
             raise ValueError(f"recall_ks must be positive, got {self.recall_ks}")
         for section, checks in (
-            ("caption", caption_checks(self.caption)),
-            ("probe", probe_checks(self.probe)),
+            ("caption", self.caption.checks()),
+            ("probe", self.probe.checks()),
         ):
             for ok, key, expected in checks:
                 if not ok:

@@ -106,7 +106,7 @@ def test_weak_captions_name_one_object_of_the_same_scenes():
     for i in range(len(weak)):
         plain, sample = default.read(i), weak.read(i)
         assert sample.image.tobytes() == plain.image.tobytes() and sample.meta == plain.meta
-        objects = [demo._Object(**obj) for obj in sample.meta["objects"]]
+        objects = [demo.SceneObject(**obj) for obj in sample.meta["objects"]]
         named = [
             o for o in objects if any(demo._phrase(o, s) in sample.caption for s in (False, True))
         ]

@@ -14,8 +14,9 @@ from vlp import checkpoint, runlock
 from vlp.config import Config, ConfigError, load_config
 from vlp.data import format as fmt
 from vlp.data.shards import DataError, expand_shards
+from vlp.steplog import NonFiniteLoss
 from vlp.stopping import Stopped, StopRequests
-from vlp.trainer import PROG, NonFiniteLoss, Trainer
+from vlp.trainer import PROG, Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "demo.yaml"

@@ -2,146 +2,66 @@
 
 `load_config("configs/demo.yaml", ["train.lr=1e-3"])` merges the YAML and the overrides into the
 schema below with OmegaConf (strict: unknown keys and wrong types are errors) and returns a
-validated `Config`. Every component receives only its own slice (`cfg.data`, `cfg.train`, ...).
+validated `Config`. Every component receives only its own slice (`cfg.data`, `cfg.train`, ...);
+the slices and their own rules are in vlp.config_sections, the rules spanning slices here.
 """
 
 from __future__ import annotations
 
 import difflib
 import functools
-import math
 from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from vlp.runlayout import AUTO_TASK, EVAL_TASKS
+from vlp.config_sections import (
+    CAPTION_METHODS,
+    EVAL_TYPES,
+    Check,
+    CheckpointConfig,
+    ConfigError,
+    DataConfig,
+    EvalConfig,
+    GenerationConfig,
+    ModelConfig,
+    ProbeConfig,
+    PrototypesConfig,
+    RunConfig,
+    SourceConfig,
+    SubcaptionConfig,
+    TermConfig,
+    TrainConfig,
+    finite_checks,
+    prefixed,
+)
 
-
-class ConfigError(ValueError):
-    """A user mistake in a config file or override; reported as one line, exit code 2."""
-
-
-@dataclass
-class ModelConfig:
-    name: str = "vlp-tiny-coca"
-    """An open_clip model config name; vlp's own live in configs/models/."""
-    pretrained: str | None = None
-    """An open_clip weights file to start from (safetensors or a weights-only torch file)."""
-    hf_text_model: str | None = None
-    """A local Hugging Face model folder used as the text tower (open_clip's hf_model_name)."""
-    lock_image: bool = False
-    """Freeze the image tower (LiT)."""
-    lock_text: bool = False
-    grad_checkpointing: bool = False
-    """Recompute activations in the backward pass: less memory, about a third more compute."""
-    config_dirs: list[str] = field(default_factory=list)
-    """Extra folders of open_clip model config JSONs to register."""
-
-
-@dataclass
-class SourceConfig:
-    shards: str = MISSING
-    """Shard pattern of this source."""
-    weight: float = 1.0
-    """Relative share of the samples drawn from this source."""
-
-
-@dataclass
-class SubcaptionConfig:
-    """DreamLIP sub-captions (`data.caption=subcaptions`): T = num + 1 texts per image."""
-
-    num: int = 6
-    """Sub-captions sampled per image per load (K); slot 0 is always the raw caption."""
-    splitter: str = "dreamlip"
-    """dreamlip: split at every '.', newline and '</s>' (the reference rule, quirks included);
-    sentence: sentence ends only (keeps decimals and abbreviations whole)."""
-    merge: int = 1
-    """Consecutive pool sentences joined (by '. ') into one sub-caption."""
-    exclude_last: bool = False
-    """Never draw the pool's last sentence (the reference code's off-by-one, for parity)."""
-
-
-@dataclass
-class DataConfig:
-    train_shards: str = ""
-    """Shard pattern: local path, brace pattern, or URL; '::' joins several patterns."""
-    sources: list[SourceConfig] = field(default_factory=list)
-    """Instead of train_shards: several shard sets mixed by weight (each sample's source is
-    drawn at random with these weights)."""
-    batch_size: int = 64
-    """Samples per process per micro-step (global batch = batch_size x processes)."""
-    workers: int = 2
-    """DataLoader worker processes per process (0 = read in the training process)."""
-    mode: str = "epoch"
-    """epoch: each pass visits every shard once in a seeded order; resampled: draw shards with
-    replacement (infinite, any number of shards)."""
-    shuffle_buffer: int = 2000
-    """Samples shuffled together: whole shards are read until this many are pooled, then the pool
-    is emitted in a seeded random order (exact resume re-reads at most one pool). A worker whose
-    share of the data is smaller than this pools several passes over it."""
-    image_key: str = "jpg;png;webp;jpeg"
-    """Tar member extensions holding the image, first match wins."""
-    text_key: str = "txt"
-    caption: str = "raw"
-    """raw: the .txt caption; long: the first long caption in the .json; json:FIELD: that field;
-    subcaptions: the .txt caption plus sentences sampled from the .json's long captions."""
-    subcaptions: SubcaptionConfig = field(default_factory=SubcaptionConfig)
-    decoder_caption: str = "raw"
-    """Target of the CoCa decoder: raw or long (the first long caption, truncated to context)."""
-    hard_negatives: int = 0
-    """Negative captions per image (NegCLIP): up to this many from the `.json` sidecar's
-    `negatives` list, added as extra columns of objectives.contrastive's image->text side.
-    Fewer in a sample: the rest are masked out; no `negatives` field: the sample is skipped
-    (missing_negatives). 0: off."""
-
-
-@dataclass
-class TrainConfig:
-    steps: int = 1000
-    """Optimizer steps."""
-    lr: float = 5e-4
-    min_lr: float = 0.0
-    warmup_steps: int = 100
-    weight_decay: float = 0.2
-    """AdamW decay for weight matrices; biases, norms, embeddings' scales and logit scales get 0."""
-    beta1: float = 0.9
-    beta2: float = 0.98
-    eps: float = 1e-6
-    grad_clip: float = 1.0
-    """Clip the global gradient norm (0 = off)."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step."""
-    grad_cache: bool = False
-    """With grad_accum > 1: the contrastive loss sees all grad_accum micro-batches at once, as
-    one large batch (GradCache: one more forward pass per micro-batch; docs/scaling.md)."""
-    precision: str = "fp32"
-    """fp32 | bf16 (autocast; weights and optimizer state stay fp32)."""
-    seed: int = 0
-    compile: bool = False
-    """torch.compile the model."""
-    deterministic: bool = False
-    """Deterministic algorithms (bitwise-reproducible runs on CPU; slower on GPU)."""
-    threads: int = 0
-    """CPU runs: torch's intra-op threads per process; 0 = the cores this process may use ÷
-    the processes on this node. OMP_NUM_THREADS is not read on CPU: `accelerate launch` and
-    torchrun set it to 1 themselves, which would train on one core. GPU runs ignore it."""
-    log_every_steps: int = 10
-
-
-@dataclass
-class TermConfig:
-    """The base of an objective term's own config section (`objectives.NAME`), which the term
-    declares as its `Config`: a weight (0: the term is not built) and the term's own rules."""
-
-    weight: float = 0.0
-
-    def checks(self) -> list[tuple[bool, str, str]]:
-        """(ok, field, what it must be) for each rule of the section alone."""
-        return []
+__all__ = [
+    "CAPTION_METHODS",
+    "EVAL_TYPES",
+    "CheckpointConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "GenerationConfig",
+    "ModelConfig",
+    "ProbeConfig",
+    "PrototypesConfig",
+    "RunConfig",
+    "SourceConfig",
+    "SubcaptionConfig",
+    "TermConfig",
+    "TrainConfig",
+    "config_files",
+    "load_config",
+    "objectives_schema",
+    "to_dict",
+    "to_yaml",
+]
 
 
 def objectives_schema() -> type:
@@ -175,143 +95,6 @@ def __getattr__(name: str) -> Any:
 
 
 @dataclass
-class PrototypesConfig:
-    """Episodic training for objectives.prototype / prototype_external (ProtoCLIP).
-
-    Episode e is a fixed set of `episode_shards` shards (a seeded permutation of all shards,
-    without replacement until every shard was used). It starts with a feature pass over those
-    shards (no gradient, eval mode, training transforms) and k-means of each modality's head
-    outputs; its `episode_steps` training steps then read the same shards again."""
-
-    episode_shards: int = 20
-    episode_steps: int = 0
-    """Optimizer steps per episode; 0: the samples of `episode_shards` average shards (from the
-    shards' sizes.json) divided by the global batch."""
-    clusters: int = 20000
-    """k-means clusters per modality (and for the external teacher)."""
-    kmeans_iters: int = 20
-    kmeans_redo: int = 1
-    """k-means runs from different seeds per clustering; the lowest objective is kept."""
-    kmeans_backend: str = "auto"
-    """faiss (CPU) | torch (Lloyd on the training device) | auto: torch on CUDA, else faiss."""
-    head_hidden: int = 2048
-    head_dim: int = 128
-    head_layers: int = 1
-    """Hidden [Linear, BatchNorm, ReLU] blocks of each head (0: one Linear)."""
-    max_logit_scale: float = 100.0
-    """Clamp of the prototype objectives' shared learnable temperature's scale."""
-    warmup_episodes: int = 1
-    """First episodes train with the other objectives only (no clustering)."""
-    lit_episodes: int = 0
-    """Last episodes freeze the image tower (its learning rate decays to 0 when they start) and
-    train the other objectives only."""
-    feature_batch_size: int = 0
-    """Batch of the feature pass; 0: data.batch_size."""
-
-    def active(self, objectives: Any) -> bool:
-        return bool(objectives.prototype.weight or objectives.prototype_external.weight)
-
-
-@dataclass
-class CheckpointConfig:
-    every_steps: int = 500
-    keep: int = 3
-    """How many of the newest checkpoints to keep (older ones are deleted)."""
-
-
-EVAL_TYPES = (AUTO_TASK, *EVAL_TASKS)
-"""What `eval.NAME.type` may be: eval.tasks' names (vlp.runlayout; a test keeps them equal)."""
-CAPTION_METHODS = ("greedy", "beam")
-
-
-@dataclass
-class GenerationConfig:
-    """How a CoCa writes captions (vlp.generate): `vlp-eval --task captioning` and evaluators."""
-
-    method: str = "greedy"
-    """greedy (the most likely token at each step) | beam (beam search)."""
-    num_beams: int = 4
-    """Beams per image (beam search)."""
-    max_tokens: int = 28
-    """Most caption tokens, start and end tokens not counted (open_clip's seq_len of 30)."""
-    min_tokens: int = 0
-    """Fewest caption tokens before the end token is allowed."""
-    no_repeat_ngram: int = 0
-    """n >= 2: never repeat an n-gram within a caption; 0 = off."""
-    length_penalty: float = 1.0
-    """Beam search ranks finished captions by log-probability / (tokens + 1) ** this."""
-
-
-def caption_checks(caption: GenerationConfig) -> list[tuple[bool, str, str]]:
-    """(ok, field, what it must be) for each rule a GenerationConfig must follow."""
-    return [
-        (caption.method in CAPTION_METHODS, "method", " or ".join(CAPTION_METHODS)),
-        (caption.num_beams >= 1, "num_beams", "at least 1"),
-        (caption.max_tokens >= 1, "max_tokens", "at least 1"),
-        (0 <= caption.min_tokens <= caption.max_tokens, "min_tokens", "in [0, max_tokens]"),
-        (caption.no_repeat_ngram == 0 or caption.no_repeat_ngram >= 2, "no_repeat_ngram",
-         "0 (off) or at least 2"),
-        (math.isfinite(caption.length_penalty), "length_penalty", "a finite number"),
-    ]  # fmt: skip
-
-
-@dataclass
-class ProbeConfig:
-    """The linear probe (eval.linear_probe): clip_benchmark's protocol and defaults."""
-
-    val_proportion: float = 0.2
-    """Share of the train split held out to choose the weight decay."""
-    epochs: int = 10
-    lr: float = 0.1
-    """AdamW learning rate (cosine schedule, no warm-up)."""
-    batch_size: int = 64
-
-
-def probe_checks(probe: ProbeConfig) -> list[tuple[bool, str, str]]:
-    """(ok, field, what it must be) for each rule a ProbeConfig must follow."""
-    return [
-        (0 < probe.val_proportion < 1, "val_proportion", "in (0, 1)"),
-        (probe.epochs >= 1, "epochs", "at least 1"),
-        (math.isfinite(probe.lr) and probe.lr > 0, "lr", "a positive number"),
-        (probe.batch_size >= 1, "batch_size", "at least 1"),
-    ]
-
-
-@dataclass
-class EvalConfig:
-    """One evaluator run during training; its name in `eval.<name>` prefixes its logs."""
-
-    dataset: str = MISSING
-    """An eval set directory in clip_benchmark's layout (`vlp-shard eval-set` or `demo` write
-    them). If it is missing or malformed at start-up, a warning says so and training runs
-    without this evaluator."""
-    type: str = "auto"
-    """auto (from the set's dataset_type.txt) | zeroshot_classification | zeroshot_retrieval |
-    geometry | captioning (CoCa; a retrieval set) | linear_probe (a classification set with a
-    train/ split) | image_caption_selection (a set whose task.txt says so; auto picks it)."""
-    every_steps: int = 0
-    """Evaluate every this many optimizer steps; 0 = only at the end."""
-    at_end: bool = True
-    """Also evaluate after the last step (every_steps=0 with at_end=false switches it off)."""
-    batch_size: int = 256
-    """Images per forward pass."""
-    workers: int = 0
-    """DataLoader processes decoding the eval images (0 = in the training process)."""
-    caption: GenerationConfig = field(default_factory=GenerationConfig)
-    """captioning: how captions are generated."""
-    probe: ProbeConfig = field(default_factory=ProbeConfig)
-    """linear_probe: validation share, epochs, learning rate, batch."""
-
-
-@dataclass
-class RunConfig:
-    output_dir: str = "runs/demo"
-    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
-    """Where accelerate sends the logged metrics besides metrics.jsonl: tensorboard (in the run
-    directory) and/or wandb (needs `pip install wandb`; project = the run directory's name)."""
-
-
-@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -331,127 +114,47 @@ class Config:
 
 
 def _validate(cfg: Config) -> None:
-    checks = [
-        (cfg.data.mode in ("epoch", "resampled"), "data.mode", "epoch or resampled"),
-        (cfg.train.precision in ("fp32", "bf16"), "train.precision", "fp32 or bf16"),
-        (cfg.data.batch_size >= 1, "data.batch_size", "at least 1"),
-        (cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer", "at least 1"),
-        (
-            cfg.data.batch_size >= 2
-            or not (cfg.objectives.uniformity.weight or cfg.objectives.cross_uniformity.weight),
-            "data.batch_size",
-            "at least 2 with objectives.uniformity or cross_uniformity (they compare pairs)",
-        ),
-        (cfg.data.workers >= 0, "data.workers", "0 or more"),
-        (cfg.train.steps >= 1, "train.steps", "at least 1"),
-        (cfg.train.grad_accum >= 1, "train.grad_accum", "at least 1"),
-        (cfg.train.threads >= 0, "train.threads", "0 (automatic) or more"),
-        (cfg.train.warmup_steps >= 0, "train.warmup_steps", "0 or more"),
-        (cfg.checkpoint.every_steps >= 1, "checkpoint.every_steps", "at least 1"),
-        (cfg.checkpoint.keep >= 1, "checkpoint.keep", "at least 1"),
-        (
-            cfg.data.caption in ("raw", "long", "subcaptions")
-            or cfg.data.caption.startswith("json:"),
-            "data.caption",
-            "raw, long, subcaptions or json:FIELD",
-        ),
-        *_subcaption_checks(cfg),
-        (cfg.data.decoder_caption in ("raw", "long"), "data.decoder_caption", "raw or long"),
-        (bool(cfg.objectives.active()), "objectives", "at least one term with a non-zero weight"),
-        *_number_checks(cfg),
-        *_term_checks(cfg.objectives),
-        (
-            bool(cfg.data.train_shards) != bool(cfg.data.sources),
-            "data.train_shards",
-            "set (or data.sources instead, not both)",
-        ),
-        (all(s.weight > 0 for s in cfg.data.sources), "data.sources", "positive weights"),
-        (
-            set(cfg.run.trackers) <= {"tensorboard", "wandb"},
-            "run.trackers",
-            f"a list of tensorboard and/or wandb, not {list(cfg.run.trackers)}",
-        ),
-        *_eval_checks(cfg.eval),
-        *_prototype_checks(cfg),
-        *_negative_checks(cfg),
-    ]
+    """Each section's own rules under its key, then the rules that span sections."""
+    sections = {"model": cfg.model, "data": cfg.data, "train": cfg.train,
+                "checkpoint": cfg.checkpoint, "run": cfg.run}  # fmt: skip
+    if cfg.prototypes.active(cfg.objectives):
+        sections["prototypes"] = cfg.prototypes
+    checks = [check for key, part in sections.items()
+              for check in prefixed(key, part.checks())]  # fmt: skip
+    checks += _objective_checks(cfg.objectives)
+    checks += [check for name, entry in cfg.eval.items()
+               for check in [("/" not in name, f"eval.{name}",
+                              "a name without '/' (it prefixes the logs)"),
+                             *prefixed(f"eval.{name}", entry.checks())]]  # fmt: skip
+    checks += _cross_checks(cfg) + _prototype_checks(cfg) + _negative_checks(cfg)
     for ok, key, expected in checks:
         if not ok:
             raise ConfigError(f"{key}: must be {expected}")
 
 
-def _number_checks(cfg: Config) -> list[tuple[bool, str, str]]:
-    """Every float finite (nan and inf parse as floats) and the ranges the optimizer needs."""
-    terms = {
-        f"objectives.{f.name}": getattr(cfg.objectives, f.name) for f in fields(cfg.objectives)
-    }
-    slices = {"train": cfg.train, **terms}
-    floats = [
-        (f"{section}.{f.name}", getattr(part, f.name))
-        for section, part in slices.items()
-        for f in fields(part)
-        if isinstance(getattr(part, f.name), float)
-    ]
-    floats += [(f"data.sources.{i}.weight", s.weight) for i, s in enumerate(cfg.data.sources)]
-    train = cfg.train
-    return (
-        [(math.isfinite(value), key, f"a finite number, not {value}") for key, value in floats]
-        + [
-            (train.lr > 0, "train.lr", f"positive, not {train.lr}"),
-            (0 <= train.min_lr <= train.lr, "train.min_lr", f"in [0, train.lr={train.lr}]"),
-            (train.weight_decay >= 0, "train.weight_decay", "0 or more"),
-            (0 <= train.beta1 < 1 and 0 <= train.beta2 < 1, "train.beta1/beta2", "in [0, 1)"),
-            (train.eps > 0, "train.eps", "positive"),
-            (train.grad_clip >= 0, "train.grad_clip", "0 (off) or more"),
-            (0 <= train.seed < 2**32, "train.seed", f"in [0, 2**32), not {train.seed}"),
-        ]
-        + [(term.weight >= 0, f"{key}.weight", "0 or more") for key, term in terms.items()]
-    )
+def _objective_checks(objectives: Any) -> list[Check]:
+    """Each term's section: a finite weight of 0 or more, and the term's own rules."""
+    checks = [(bool(objectives.active()), "objectives", "at least one term with a non-zero weight")]
+    for f in fields(objectives):
+        term = getattr(objectives, f.name)
+        own = [*finite_checks(term), (term.weight >= 0, "weight", "0 or more"), *term.checks()]
+        checks += prefixed(f"objectives.{f.name}", own)
+    return checks
 
 
-def _term_checks(objectives: Any) -> list[tuple[bool, str, str]]:
-    """Each objective section's own rules (TermConfig.checks), under its full key."""
+def _cross_checks(cfg: Config) -> list[Check]:
+    pairwise = cfg.objectives.uniformity.weight or cfg.objectives.cross_uniformity.weight
     return [
-        (ok, f"objectives.{f.name}.{key}", what)
-        for f in fields(objectives)
-        for ok, key, what in getattr(objectives, f.name).checks()
-    ]
+        (cfg.data.batch_size >= 2 or not pairwise, "data.batch_size",
+         "at least 2 with objectives.uniformity or cross_uniformity (they compare pairs)"),
+    ]  # fmt: skip
 
 
-def _subcaption_checks(cfg: Config) -> list[tuple[bool, str, str]]:
-    sub = cfg.data.subcaptions
-    return [
-        (sub.num >= 1, "data.subcaptions.num", "at least 1"),
-        (
-            sub.splitter in ("dreamlip", "sentence"),
-            "data.subcaptions.splitter",
-            "dreamlip or sentence",
-        ),
-        (sub.merge >= 1, "data.subcaptions.merge", "at least 1"),
-    ]
-
-
-def _prototype_checks(cfg: Config) -> list[tuple[bool, str, str]]:
-    protos, objectives = cfg.prototypes, cfg.objectives
-    if not protos.active(objectives):
+def _prototype_checks(cfg: Config) -> list[Check]:
+    objectives = cfg.objectives
+    if not cfg.prototypes.active(objectives):
         return []
     return [
-        (protos.episode_shards >= 1, "prototypes.episode_shards", "at least 1"),
-        (protos.episode_steps >= 0, "prototypes.episode_steps", "0 (from sizes.json) or more"),
-        (protos.clusters >= 1, "prototypes.clusters", "at least 1"),
-        (protos.kmeans_iters >= 1, "prototypes.kmeans_iters", "at least 1"),
-        (protos.kmeans_redo >= 1, "prototypes.kmeans_redo", "at least 1"),
-        (
-            protos.kmeans_backend in ("auto", "faiss", "torch"),
-            "prototypes.kmeans_backend",
-            "auto, faiss or torch",
-        ),
-        (protos.head_hidden >= 1 and protos.head_dim >= 1, "prototypes.head_dim", "at least 1"),
-        (protos.head_layers >= 0, "prototypes.head_layers", "0 or more"),
-        (protos.warmup_episodes >= 0, "prototypes.warmup_episodes", "0 or more"),
-        (protos.lit_episodes >= 0, "prototypes.lit_episodes", "0 or more"),
-        (protos.feature_batch_size >= 0, "prototypes.feature_batch_size", "0 or more"),
-        (protos.max_logit_scale >= 1, "prototypes.max_logit_scale", "at least 1"),
         (
             not objectives.prototype_external.weight or objectives.prototype.back_translation,
             "objectives.prototype.back_translation",
@@ -465,11 +168,10 @@ def _prototype_checks(cfg: Config) -> list[tuple[bool, str, str]]:
     ]
 
 
-def _negative_checks(cfg: Config) -> list[tuple[bool, str, str]]:
+def _negative_checks(cfg: Config) -> list[Check]:
     """Hard negatives are extra text slots that only the contrastive term reads as negatives."""
     negatives, objectives = cfg.data.hard_negatives, cfg.objectives
     checks = [
-        (negatives >= 0, "data.hard_negatives", "0 (off) or more"),
         (
             cfg.data.batch_size >= 2 or negatives > 0 or not objectives.contrastive.decoupled,
             "data.batch_size",
@@ -496,24 +198,6 @@ def _negative_checks(cfg: Config) -> list[tuple[bool, str, str]]:
             "negatives as sub-captions)",
         ),
     ]
-
-
-def _eval_checks(evaluators: dict[str, EvalConfig]) -> list[tuple[bool, str, str]]:
-    checks = []
-    for name, entry in evaluators.items():
-        types = ", ".join(EVAL_TYPES[:-1]) + f" or {EVAL_TYPES[-1]}, not {entry.type!r}"
-        checks += [
-            ("/" not in name, f"eval.{name}", "a name without '/' (it prefixes the logs)"),
-            (entry.type in EVAL_TYPES, f"eval.{name}.type", types),
-            (entry.every_steps >= 0, f"eval.{name}.every_steps", "0 (at the end only) or more"),
-            (entry.batch_size >= 1, f"eval.{name}.batch_size", "at least 1"),
-            (entry.workers >= 0, f"eval.{name}.workers", "0 or more"),
-        ]
-        checks += [(ok, f"eval.{name}.caption.{key}", what)
-                   for ok, key, what in caption_checks(entry.caption)]  # fmt: skip
-        checks += [(ok, f"eval.{name}.probe.{key}", what)
-                   for ok, key, what in probe_checks(entry.probe)]  # fmt: skip
-    return checks
 
 
 BASE_KEY = "base"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -177,6 +178,22 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     holder = [obj]
     dist.broadcast_object_list(holder, src=src)
     return holder[0]
+
+
+def decided_on_rank0(decide: Callable[[], tuple[Any, Any]]) -> tuple[Any, Any]:
+    """Rank 0 runs `decide()` -> (kept, shared): `kept` stays on rank 0 (None elsewhere), and
+    every rank gets `shared`, or the exception `decide` raised, by a broadcast, so a refusal
+    reaches every rank and none is left waiting."""
+    kept, shared = None, None
+    if rank() == 0:
+        try:
+            kept, shared = decide()
+        except Exception as err:  # raised on every rank, below
+            shared = err
+    shared = broadcast_object(shared)
+    if isinstance(shared, Exception):
+        raise shared
+    return kept, shared
 
 
 def gather_rows(x: Tensor) -> Tensor:

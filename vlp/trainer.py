@@ -9,20 +9,15 @@ import contextlib
 import signal
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
-from accelerate.utils import (
-    DistributedDataParallelKwargs,
-    is_wandb_available,
-    set_seed,
-)
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
 from eval.during_training import open_evaluators
 from eval.models import EvalModel
-from vlp import checkpoint, distributed, rundir, runlock, runstate
+from vlp import checkpoint, distributed, rundir, runstate
 from vlp.config import Config, ConfigError, to_dict, to_yaml
 from vlp.data.pipeline import Batch, ShardSubset, build_loader
 from vlp.data.transforms import split_for_device
@@ -40,13 +35,10 @@ from vlp.runlayout import (
     CheckpointMeta,
     checkpoint_name,
 )
+from vlp.steplog import LogWindow, NonFiniteWatch, skipped_samples
 from vlp.stopping import Stopped, StopRequests
 
 PROG = "vlp-train"
-
-
-class NonFiniteLoss(FloatingPointError):
-    pass
 
 
 class _WorkersGone(Exception):
@@ -70,13 +62,16 @@ class Trainer:
         unused = method.find_unused_parameters
         self.accelerator = distributed.new_accelerator(
             mixed_precision="bf16" if cfg.train.precision == "bf16" else "no",
-            log_with=trackers(cfg.run.trackers),
+            log_with=list(cfg.run.trackers),
             project_dir=str(self.run_dir),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)]
             if unused
             else None,
         )
-        self.lock, self.start = self._claim(overwrite)
+        # rank 0 locks the run directory and decides how the run starts (fresh, resumed, ...)
+        self.lock, self.start = distributed.decided_on_rank0(
+            lambda: rundir.claim(self.run_dir, cfg.resume, overwrite, PROG)
+        )
         try:
             self._build(method)
         except BaseException:
@@ -112,26 +107,11 @@ class Trainer:
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.step, self.positions, self.saved_step = 0, {}, -1
         self.changes: dict[str, list[Any]] = {}
-        # first step whose loss was not finite (-1: none); read only where the loop syncs anyway
-        self.first_nonfinite = torch.tensor(-1, device=self.accelerator.device)
+        self.nonfinite = NonFiniteWatch(self.accelerator.device)
         start_meta = self._resume()
         self._start_run(start_meta)
         self.evaluators = open_evaluators(cfg.eval, cfg.train.steps, self._message)
         self.eval_model = self._eval_model(eval_transform, tokenizer)
-
-    def _claim(self, overwrite: bool) -> tuple[runlock.RunLock | None, rundir.Start]:
-        """Rank 0 locks the run directory and decides how the run starts; every rank gets the
-        decision, or the refusal, by a broadcast, so a refused start never leaves one waiting."""
-        lock, outcome = None, None
-        if distributed.rank() == 0:
-            try:
-                lock, outcome = rundir.claim(self.run_dir, self.cfg.resume, overwrite, PROG)
-            except Exception as err:  # raised on every rank, below
-                outcome = err
-        outcome = distributed.broadcast_object(outcome)
-        if isinstance(outcome, Exception):
-            raise outcome
-        return lock, outcome
 
     def close(self) -> None:
         """Release the run directory (idempotent; train() does it when it ends)."""
@@ -250,7 +230,7 @@ class Trainer:
 
     def _train(self) -> None:
         cfg, batches = self.cfg, None
-        window_start, window_steps, wait = time.perf_counter(), 0, 0.0
+        window = LogWindow()
         while self.step < cfg.train.steps:
             stop = distributed.max_over_ranks(self.stops.signum)  # every rank, the same step
             if stop:
@@ -258,15 +238,14 @@ class Trainer:
             batches = self.method.batches(self.step, batches)
             logs, step_wait = self._step_unless_workers_gone(batches)
             self.step += 1
-            window_steps, wait = window_steps + 1, wait + step_wait
+            window.add(step_wait)
             log_now = is_time(self.step, cfg.train.log_every_steps, cfg.train.steps)
             save_now = is_time(self.step, cfg.checkpoint.every_steps, cfg.train.steps)
             if log_now or save_now or self.step == cfg.train.steps:
-                self._stop_if_nonfinite(logs)  # never log or save past a non-finite loss
+                self.nonfinite.raise_if_any(self.step, logs)  # never log or save past it
             if log_now:
-                elapsed = time.perf_counter() - window_start
-                self.logger.log(self.step, self._log_record(logs, window_steps, elapsed, wait))
-                window_start, window_steps, wait = time.perf_counter(), 0, 0.0
+                skipped = skipped_samples(self.positions)
+                self.logger.log(self.step, window.close(logs, skipped, self.global_batch))
             # before the checkpoint, so a run resumed from it never lacks this evaluation
             evaluation = self.evaluators.run(self.step, self.eval_model)
             if evaluation:
@@ -372,7 +351,7 @@ class Trainer:
             acc.backward,
             lambda: acc.no_sync(self.model),
         )
-        self._note_nonfinite(logs["loss/total"])
+        self.nonfinite.note(logs["loss/total"], self.step + 1)
         return logs, wait
 
     def _next(self, batches) -> tuple[Batch, float]:
@@ -399,43 +378,8 @@ class Trainer:
 
     def _loss(self, batch: Batch):
         loss, logs = self.objective(self._forward(batch), batch)
-        self._note_nonfinite(loss)
+        self.nonfinite.note(loss, self.step + 1)
         return loss, logs
-
-    def _note_nonfinite(self, loss) -> None:
-        """Record the step of a non-finite loss on the device: checking it here would make the
-        host wait for every forward pass (a GPU idles meanwhile)."""
-        first = self.first_nonfinite
-        bad = ~torch.isfinite(loss.detach()) & (first < 0)
-        self.first_nonfinite = first.masked_fill(bad, self.step + 1)
-
-    def _stop_if_nonfinite(self, logs: dict[str, Any]) -> None:
-        """Every process stops together (collective), naming the first bad step of any."""
-        steps = [int(s) for s in distributed.gather(self.first_nonfinite.view(1)) if s >= 0]
-        if steps:
-            first = min(steps)
-            terms = ", ".join(f"{k} {float(v):.4g}" for k, v in logs.items())
-            raise NonFiniteLoss(f"non-finite loss at step {first} (at step {self.step}: {terms})")
-
-    def _skipped(self) -> Counter:
-        """Skipped samples by reason across this process's workers."""
-        total: Counter = Counter()
-        for position in self.positions.values():
-            total.update(position.bad)
-        return total
-
-    def _log_record(self, logs: dict[str, Any], steps: int, elapsed: float, wait: float):
-        """Values averaged over processes and skipped samples summed (collective; log steps)."""
-        local = {name: float(value) for name, value in logs.items()}
-        local["data_wait"] = wait / elapsed
-        everyone = distributed.all_gather_objects((local, dict(self._skipped())))
-        record = {name: sum(v[name] for v, _ in everyone) / len(everyone) for name in local}
-        record["samples_per_s"] = steps * self.global_batch / elapsed
-        skipped: Counter = Counter()
-        for _, counts in everyone:
-            skipped.update(counts)
-        record.update({f"data/skipped/{reason}": n for reason, n in sorted(skipped.items())})
-        return record
 
     def save(self) -> None:
         meta = runstate.checkpoint_meta(
@@ -452,10 +396,3 @@ class Trainer:
         )
         self.saved_step = self.step
         self._message(f"saved {path}")
-
-
-def trackers(names: list[str]) -> list[str]:
-    """accelerate's trackers for `run.trackers`; a missing optional package is a config error."""
-    if "wandb" in names and not is_wandb_available():
-        raise ConfigError("run.trackers: wandb is not installed; `pip install wandb` or drop it")
-    return list(names)

@@ -30,6 +30,7 @@ from data_tools.errors import UsageError
 from data_tools.sample import RawSample
 from data_tools.sources import Source
 from data_tools.sources import demo as dm
+from data_tools.sources import demo_scene as scene
 from data_tools.sources import fashion_mnist as fm
 
 KINDS = ("swap_attribute", "swap_position", "replace_object")
@@ -87,7 +88,7 @@ class DemoBindingSource(_BindingSource):
     def read(self, index: int) -> RawSample:
         rng = self._rng(index)
         objects = _two_objects(rng)
-        image = dm._render(objects, self.image_size, rng)
+        image = scene.render(objects, self.image_size, rng)
         if self.kind == "swap_position":
             first, second = objects
             swapped = [
@@ -104,19 +105,19 @@ class DemoBindingSource(_BindingSource):
         return {**super().describe(), "image_size": self.image_size}
 
 
-def _two_objects(rng: np.random.Generator) -> list[dm._Object]:
+def _two_objects(rng: np.random.Generator) -> list[scene.SceneObject]:
     """Two objects with distinct shapes, colours and cells, in reading order of the cells."""
-    shapes = rng.choice(len(dm.SHAPES), 2, replace=False)
-    colours = rng.choice(len(dm.COLOURS), 2, replace=False)
-    cells = np.sort(rng.choice(len(dm.POSITIONS), 2, replace=False))
-    sizes = rng.integers(0, len(dm.SIZES), 2)
+    shapes = rng.choice(len(scene.SHAPES), 2, replace=False)
+    colours = rng.choice(len(scene.COLOURS), 2, replace=False)
+    cells = np.sort(rng.choice(len(scene.POSITIONS), 2, replace=False))
+    sizes = rng.integers(0, len(scene.SIZES), 2)
     return [
-        dm._Object(dm.SHAPES[s], dm.COLOURS[c], dm.SIZES[z], dm.POSITIONS[p])
+        scene.SceneObject(scene.SHAPES[s], scene.COLOURS[c], scene.SIZES[z], scene.POSITIONS[p])
         for s, c, z, p in zip(shapes, colours, sizes, cells, strict=True)
     ]
 
 
-def _changed(objects: list[dm._Object], kind: str, rng: np.random.Generator):
+def _changed(objects: list[scene.SceneObject], kind: str, rng: np.random.Generator):
     """The objects with their colours swapped (swap_attribute) or one shape replaced by one
     absent from the scene (replace_object)."""
     first, second = objects
@@ -126,13 +127,13 @@ def _changed(objects: list[dm._Object], kind: str, rng: np.random.Generator):
             dataclasses.replace(second, colour=first.colour),
         ]
     index = int(rng.integers(2))
-    absent = [s for s in dm.SHAPES if s not in (first.shape, second.shape)]
+    absent = [s for s in scene.SHAPES if s not in (first.shape, second.shape)]
     changed = list(objects)
     changed[index] = dataclasses.replace(objects[index], shape=absent[rng.integers(len(absent))])
     return changed
 
 
-def _listings(versions: list[list[dm._Object]], rng: np.random.Generator) -> list[str]:
+def _listings(versions: list[list[scene.SceneObject]], rng: np.random.Generator) -> list[str]:
     """Each version of the scene as a short training-style caption: one template, object
     order and set of size words for all versions, so only the negative's change differs."""
     order = rng.permutation(2)
@@ -147,7 +148,7 @@ def _listings(versions: list[list[dm._Object]], rng: np.random.Generator) -> lis
     ]
 
 
-def _placements(versions: list[list[dm._Object]], rng: np.random.Generator) -> list[str]:
+def _placements(versions: list[list[scene.SceneObject]], rng: np.random.Generator) -> list[str]:
     """Each version as two long-caption sentences placing its objects (shared templates)."""
     order = rng.permutation(2)
     templates = [dm._OBJECT_SENTENCES[rng.integers(len(dm._OBJECT_SENTENCES))] for _ in order]

@@ -21,7 +21,8 @@ import numpy as np
 
 from data_tools.sample import RawSample
 from data_tools.sources import Source
-from data_tools.sources.demo import COLOURS, SHAPES, DemoSource, _Object, _phrase
+from data_tools.sources.demo import DemoSource, _phrase
+from data_tools.sources.demo_scene import COLOURS, SHAPES, SceneObject
 from vlp.data import format as fmt
 
 VERSION = 1
@@ -40,7 +41,7 @@ class DemoNegatives(Source):
 
     def read(self, index: int) -> RawSample:
         sample = self.source.read(index)
-        objects = [_Object(**obj) for obj in sample.meta["objects"]]
+        objects = [SceneObject(**obj) for obj in sample.meta["objects"]]
         rng = np.random.default_rng([self.source.seed, _STREAM, index])
         negatives, kinds = caption_negatives(objects, str(sample.caption), rng)
         meta = {**sample.meta, fmt.NEGATIVES_FIELD: negatives, fmt.NEGATIVE_KINDS_FIELD: kinds}
@@ -54,7 +55,7 @@ class DemoNegatives(Source):
 
 
 def caption_negatives(
-    objects: list[_Object], caption: str, rng: np.random.Generator
+    objects: list[SceneObject], caption: str, rng: np.random.Generator
 ) -> tuple[list[str], list[str]]:
     """([colour negative, shape negative], their kinds) of `caption`, which names every object
     of `objects` by its phrase ("a small red circle" or "a red circle")."""
@@ -64,7 +65,7 @@ def caption_negatives(
     return negatives, [colour_kind, "replace_shape"]
 
 
-def _colour_change(objects: list[_Object], rng: np.random.Generator):
+def _colour_change(objects: list[SceneObject], rng: np.random.Generator):
     """(kind, {index: changed object}): swap the colours of two objects that differ in colour
     and shape, else give one object another colour."""
     pairs = [
@@ -87,14 +88,14 @@ def _colour_change(objects: list[_Object], rng: np.random.Generator):
     }
 
 
-def _shape_change(objects: list[_Object], rng: np.random.Generator) -> dict[int, _Object]:
+def _shape_change(objects: list[SceneObject], rng: np.random.Generator) -> dict[int, SceneObject]:
     """{index: the object with a shape that no object of the scene has}."""
     index = int(rng.integers(len(objects)))
     absent = [s for s in SHAPES if s not in {obj.shape for obj in objects}]
     return {index: dataclasses.replace(objects[index], shape=absent[rng.integers(len(absent))])}
 
 
-def _rewrite(caption: str, objects: list[_Object], changes: dict[int, _Object]) -> str:
+def _rewrite(caption: str, objects: list[SceneObject], changes: dict[int, SceneObject]) -> str:
     """`caption` with each changed object's phrase replaced, its size word kept or left out as
     the caption has it, and capitalised where it starts a sentence (long captions). Objects never
     share both colour and shape, so each phrase is unique."""

@@ -13,6 +13,7 @@ from evalkit import demo_eval_sets, fake_model, one_hot, tiny_run, write_eval_se
 
 from data_tools.sources import binding
 from data_tools.sources import demo as dm
+from data_tools.sources import demo_scene as scene
 from data_tools.sources.negatives import DemoNegatives
 from eval.checkpoints import resolve_checkpoint
 from eval.datasets import open_eval_set
@@ -55,7 +56,7 @@ def test_demo_binding_negatives_are_false_and_differ_only_in_their_kind(kind):
         elif kind == "replace_object":  # one shape word, now a shape absent from the scene
             assert len(changed) == 1 and changed[0] in {o["shape"] for o in objects}
         else:  # the two cells trade places
-            assert {o["position"] for o in objects} <= {p for p in dm.POSITIONS if p in true}
+            assert {o["position"] for o in objects} <= {p for p in scene.POSITIONS if p in true}
             words = [sorted(c.replace(".", "").split()) for c in (true, negative)]
             assert words[0] == words[1]  # the same words, other cells
     again = binding.DemoBindingSource(kind, 30, image_size=32, seed=0).read(7)
@@ -73,7 +74,7 @@ def test_demo_training_negatives_name_other_colour_shape_pairs():
             kinds[kind] += 1
             assert negative != meta["raw"]
             named = Counter(
-                (c, s) for c in dm.COLOURS for s in dm.SHAPES if f"{c} {s}" in negative
+                (c, s) for c in scene.COLOURS for s in scene.SHAPES if f"{c} {s}" in negative
             )  # every pair the negative names (as "colour shape" word pairs)
             assert named != truth, (meta["raw"], negative)
     assert kinds["swap_colour"] > 0 and kinds["replace_colour"] > 0
