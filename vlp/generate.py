@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlp.config import GenerationConfig
-from vlp.openclip_compat import cross_block, cross_keys_values
+from vlp.openclip_compat import coca_caption_context, coca_cross_cache, coca_next_logits
 
 
 @dataclass(frozen=True)
@@ -33,8 +33,7 @@ class SpecialTokens:
 
 def context_limit(model: nn.Module) -> int:
     """The most caption tokens the model's text tower and decoder can hold (start, end excluded)."""
-    decoder_context = model.text_decoder.attn_mask.shape[0]
-    return min(getattr(model.text, "context_length", decoder_context), decoder_context) - 2
+    return coca_caption_context(model) - 2
 
 
 @torch.no_grad()
@@ -59,19 +58,14 @@ class _Steps:
 
     The image tower runs once, and so do the keys and values of the decoder's cross-attention
     over the image tokens (the largest per-step cost otherwise: hundreds of image tokens against
-    a few text positions). The causal text tower and the decoder's self-attention run on the
-    whole prefix each step, through open_clip's own modules: their states over a prefix equal
-    those of the full sequence at the same positions.
+    a few text positions); each step then runs the text tower and decoder on the prefixes
+    (vlp.openclip_compat: the open_clip internals this reads).
     """
 
     def __init__(self, model: nn.Module, images: Tensor):
         self.model = model
         self.num_images, self.device = images.shape[0], images.device
-        image_tokens = model._encode_image(images, normalize=False)[1]  # (B, I, W)
-        decoder = model.text_decoder
-        if not decoder.batch_first:
-            raise ValueError("caption generation needs a batch-first open_clip decoder")
-        self.cross = [cross_keys_values(block, image_tokens) for block in decoder.cross_attn]
+        self.cross = coca_cross_cache(model, images)
 
     def keep(self, images: Tensor) -> None:
         """Drop every image but `images` (indices into the current ones, in this order)."""
@@ -80,16 +74,7 @@ class _Steps:
     def logits(self, prefixes: Tensor) -> Tensor:
         """(A * G, t) prefixes, G consecutive rows per current image -> (A * G, V) float32
         logits of the token after each prefix."""
-        decoder = self.model.text_decoder
-        x = self.model._encode_text(prefixes, normalize=False)[1]  # (A * G, t, W)
-        length = x.shape[1]
-        mask = decoder.attn_mask[:length, :length]
-        for block, cross, keys_values in zip(
-            decoder.resblocks, decoder.cross_attn, self.cross, strict=True
-        ):
-            x = cross_block(cross, block(x, attn_mask=mask), *keys_values)
-        last = decoder.ln_final(x[:, -1])  # (A * G, W)
-        return (last @ decoder.text_projection).float()
+        return coca_next_logits(self.model, prefixes, self.cross)
 
 
 def forbid(logits: Tensor, prefixes: Tensor, special: SpecialTokens, config: GenerationConfig):

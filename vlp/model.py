@@ -31,6 +31,7 @@ from vlp.openclip_compat import (
     can_trim_text,
     check_patch_projection,
     clip_text,
+    coca_image,
     coca_text,
     decoder_states,
     image_with_patches,
@@ -183,7 +184,7 @@ class VLPModel(nn.Module):
         if self.patch_emb:
             return self._encode_image_with_patches(images)
         if self.has_decoder:
-            return (*self.clip._encode_image(images, normalize=False), None)
+            return (*coca_image(self.clip, images), None)
         return self.clip.encode_image(images, normalize=False), None, None
 
     def _encode_texts(self, tokens: Tensor) -> tuple[Tensor, Tensor | None]:

@@ -182,6 +182,44 @@ def decoder_states(decoder: nn.Module, image_tokens: Tensor, text_embs: Tensor) 
     return decoder.ln_final(text_embs)
 
 
+def coca_caption_context(coca: nn.Module) -> int:
+    """The positions a CoCa's causal text tower and decoder can both hold."""
+    decoder_context = coca.text_decoder.attn_mask.shape[0]
+    return min(getattr(coca.text, "context_length", decoder_context), decoder_context)
+
+
+def coca_image(coca: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
+    """A CoCa's (un-normalised image embeddings [B, D], image tokens [B, I, W] for its decoder)."""
+    return coca._encode_image(images, normalize=False)
+
+
+def coca_cross_cache(coca: nn.Module, images: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """For caption decoding: each decoder cross-attention block's keys and values over the
+    image tokens of (B, 3, H, W) images, computed once per image (cross_keys_values)."""
+    decoder = coca.text_decoder
+    if not decoder.batch_first:
+        raise ValueError("caption generation needs a batch-first open_clip decoder")
+    image_tokens = coca_image(coca, images)[1]  # (B, I, W)
+    return [cross_keys_values(block, image_tokens) for block in decoder.cross_attn]
+
+
+def coca_next_logits(
+    coca: nn.Module, prefixes: Tensor, cache: list[tuple[Tensor, Tensor]]
+) -> Tensor:
+    """(A * G, t) token prefixes, G consecutive rows per image of `cache` (A images) ->
+    (A * G, V) float32 logits of the token after each prefix. The causal text tower and the
+    decoder's self-attention run on the whole prefix: their states over a prefix equal those
+    of the full sequence at the same positions."""
+    decoder = coca.text_decoder
+    x = coca._encode_text(prefixes, normalize=False)[1]  # (A * G, t, W)
+    length = x.shape[1]
+    mask = decoder.attn_mask[:length, :length]
+    for block, cross, keys_values in zip(decoder.resblocks, decoder.cross_attn, cache, strict=True):
+        x = cross_block(cross, block(x, attn_mask=mask), *keys_values)
+    last = decoder.ln_final(x[:, -1])  # (A * G, W)
+    return (last @ decoder.text_projection).float()
+
+
 def cross_keys_values(block: nn.Module, image_tokens: Tensor) -> tuple[Tensor, Tensor]:
     """A decoder cross-attention block's keys and values of (B, I, W) image tokens: (B, H, I,
     W / H) each, as its nn.MultiheadAttention projects them (after the block's ln_1_kv)."""
