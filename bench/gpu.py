@@ -30,9 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import train_vs_open_clip as tvo  # noqa: E402
-from _common import RESULTS, WORK, git_state, machine_info, write_results  # noqa: E402
+import train_vs_open_clip as tvo
+from _common import RESULTS, WORK, git_state, machine_info, write_results
 
 NAME = "gpu"
 MODELS = ["vlp-b32-clip", "vlp-b32-coca", "vlp-tiny-clip", "vlp-tiny-coca"]

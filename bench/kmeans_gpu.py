@@ -11,19 +11,15 @@ objectives are compared. Writes bench/results/kmeans_gpu.json.
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _common import RESULTS, git_state, machine_info, write_results
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench._common import RESULTS, git_state, machine_info, write_results  # noqa: E402
-from vlp.prototypes import lloyd  # noqa: E402
+from vlp.prototypes import lloyd
 
 
 def clustered(rows: int, dim: int, centers: int, noise: float, seed: int) -> torch.Tensor:

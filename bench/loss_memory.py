@@ -27,13 +27,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _common import RESULTS, WORK, git_state, machine_info, write_results
 from torch.distributed._tools.mem_tracker import MemTracker
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, WORK, git_state, machine_info, write_results  # noqa: E402
-
-from vlp import distributed  # noqa: E402
-from vlp.objectives.contrastive import clip_loss  # noqa: E402
+from vlp import distributed
+from vlp.objectives.contrastive import clip_loss
 
 NAME = "loss_memory"
 WIDTH = 512

@@ -18,18 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from eval.checkpoints import resolve_checkpoint  # noqa: E402
-from eval.datasets import open_eval_set  # noqa: E402
-from eval.models import load_model  # noqa: E402
-from eval.options import EvalOptions  # noqa: E402
-from eval.zero_shot import run_zeroshot_classification  # noqa: E402
+from eval.checkpoints import resolve_checkpoint
+from eval.datasets import open_eval_set
+from eval.models import load_model
+from eval.options import EvalOptions
+from eval.zero_shot import run_zeroshot_classification
 
 
 def score(run_dir: Path, eval_dir: Path, seed: int) -> dict[str, float]:

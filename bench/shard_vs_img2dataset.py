@@ -23,8 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402  (the helpers live beside this script, not in a package)
+from _common import (
     REPO,
     RESULTS,
     WORK,

@@ -20,22 +20,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import open_clip
 import torch
+from _common import RESULTS, WORK, git_state, machine_info, write_results
 from torch.distributed._tools.mem_tracker import MemTracker
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, WORK, git_state, machine_info, write_results  # noqa: E402
-
-from vlp.config import ModelConfig, ObjectivesConfig, TrainConfig  # noqa: E402
-from vlp.model import build_model  # noqa: E402
-from vlp.objectives import WeightedObjective  # noqa: E402
-from vlp.optim import build_optimizer  # noqa: E402
+from vlp.config import ModelConfig, ObjectivesConfig, TrainConfig
+from vlp.model import build_model
+from vlp.objectives import WeightedObjective
+from vlp.optim import build_optimizer
 
 NAME = "step_costs"
 VARIANTS = {"base": (False, 1), "grad_checkpointing": (True, 1), "grad_accum=2": (False, 2)}
