@@ -89,3 +89,12 @@ def test_every_shipped_config_resolves_and_the_method_configs_extend_a_base():
         cfg = to_dict(load_config(path))
         assert cfg["run"]["output_dir"] == f"runs/{path.stem}", path
         assert (len(config_files(path)) > 1) == (path.stem in extended), path
+
+
+def test_a_base_not_beside_the_file_is_found_among_the_packaged_configs(tmp_path):
+    (tmp_path / "mine.yaml").write_text("base: demo.yaml\ntrain:\n  steps: 7\n")
+    mine, demo = load_config(tmp_path / "mine.yaml"), load_config(REPO / "configs" / "demo.yaml")
+    assert mine.train.steps == 7 and to_dict(mine)["model"] == to_dict(demo)["model"]
+    beside = (REPO / "configs" / "demo.yaml").read_text().replace("vlp-demo-clip", "vlp-tiny-clip")
+    (tmp_path / "demo.yaml").write_text(beside)  # a base beside the file comes first
+    assert load_config(tmp_path / "mine.yaml").model.name == "vlp-tiny-clip"

@@ -1,7 +1,8 @@
 """Train CLIP or CoCa: `accelerate launch vlp/train.py --config configs/X.yaml key=value ...`.
 
-With no arguments it trains configs/demo.yaml on the demo shards, which `vlp-shard demo data/demo`
-builds (`make demo` does both).
+With no arguments it trains the packaged demo config (vlp/configs/demo.yaml, which a checkout
+also shows as configs/demo.yaml) on the demo shards, which `vlp-shard demo data/demo` builds
+(`make demo` does both).
 """
 
 from __future__ import annotations
@@ -11,15 +12,14 @@ import sys
 from pathlib import Path
 
 from vlp import checkpoint, runlock
-from vlp.config import Config, ConfigError, load_config
+from vlp.config import PACKAGED_CONFIGS, Config, ConfigError, load_config
 from vlp.data import format as fmt
 from vlp.data.shards import DataError, expand_shards
 from vlp.steplog import NonFiniteLoss
 from vlp.stopping import Stopped, StopRequests
 from vlp.trainer import PROG, Trainer
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO / "configs" / "demo.yaml"
+DEFAULT_CONFIG = PACKAGED_CONFIGS / "demo.yaml"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -28,7 +28,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--config",
         type=Path,
         default=None,
-        help=f"YAML run config (default: {DEFAULT_CONFIG.relative_to(REPO)})",
+        help="YAML run config (default: the demo's, configs/demo.yaml)",
     )
     parser.add_argument(
         "--overwrite",

@@ -56,6 +56,7 @@ __all__ = [
     "SubcaptionConfig",
     "TermConfig",
     "TrainConfig",
+    "PACKAGED_CONFIGS",
     "config_files",
     "load_config",
     "objectives_schema",
@@ -202,6 +203,9 @@ def _negative_checks(cfg: Config) -> list[Check]:
 
 BASE_KEY = "base"
 """A config file's key naming the config it extends (`base: demo.yaml`)."""
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+"""The configs installed with vlp: the demo's, the method demos', models/ and accelerate/. A
+checkout shows them as configs/ too; a `base:` not found beside its file is looked up here."""
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -229,8 +233,9 @@ def config_files(path: Path) -> list[Path]:
 def _file_layers(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[Path, DictConfig]]:
     """(file, YAML without its `base` key) for `path` and its bases, the first base first.
 
-    A file's `base: OTHER.yaml` (relative to the file's folder) is loaded first and the file
-    merged onto it: mappings merge key by key, anything else (lists included) is replaced.
+    A file's `base: OTHER.yaml` (relative to the file's folder, else among PACKAGED_CONFIGS) is
+    loaded first and the file merged onto it: mappings merge key by key, anything else (lists
+    included) is replaced.
     """
     if path.resolve() in chain:
         cycle = " -> ".join(str(p) for p in (*chain, path.resolve()))
@@ -242,8 +247,12 @@ def _file_layers(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[Path, D
     if not isinstance(base, str) or not base.strip():
         raise ConfigError(f"{path}: {BASE_KEY}: must name a config file, got {base!r}")
     parent = path.parent / base
+    if not parent.is_file() and (PACKAGED_CONFIGS / base).is_file():
+        parent = PACKAGED_CONFIGS / base
     if not parent.is_file():
-        raise ConfigError(f"{path}: {BASE_KEY}: {parent}: no such config file")
+        raise ConfigError(
+            f"{path}: {BASE_KEY}: {parent}: no such config file (nor among vlp's own configs)"
+        )
     return [*_file_layers(parent, (*chain, path.resolve())), (path, layer)]
 
 

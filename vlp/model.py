@@ -25,7 +25,7 @@ from open_clip.modified_resnet import ModifiedResNet
 from safetensors import SafetensorError
 from torch import Tensor, nn
 
-from vlp.config import ConfigError
+from vlp.config import PACKAGED_CONFIGS, ConfigError
 from vlp.openclip_compat import (
     can_trim_coca_text,
     can_trim_text,
@@ -38,7 +38,7 @@ from vlp.openclip_compat import (
 )
 from vlp.prototypes import ProjectionHead
 
-MODEL_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
+MODEL_CONFIG_DIR = PACKAGED_CONFIGS / "models"
 """vlp's own open_clip model configs; every JSON dropped here is available by name."""
 
 _registered: set[Path] = set()
