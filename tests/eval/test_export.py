@@ -103,8 +103,19 @@ def test_vlp_eval_scores_a_hugging_face_text_tower_run(runs, tmp_path, capsys):
     assert "acc1" in json.loads((tmp_path / "r.json").read_text())["metrics"]
 
 
-def test_export_refuses_a_used_directory_in_one_line(runs, tmp_path, capsys):
-    (tmp_path / "taken").mkdir()
-    (tmp_path / "taken" / "x").write_text("")
-    assert vlp_eval(["export", str(runs["clip"]), str(tmp_path / "taken")]) == 2
-    assert capsys.readouterr().err.strip().count("\n") == 0
+@pytest.mark.parametrize("case", ["used_out", "out_is_a_file", "no_checkpoint", "weights_file"])
+def test_export_mistakes_are_one_line_exit_2(runs, tmp_path, capsys, case):
+    checkpoint, out = runs["clip"], tmp_path / "out"
+    if case == "used_out":
+        out.mkdir()
+        (out / "x").write_text("")
+    elif case == "out_is_a_file":
+        out.write_text("")
+    elif case == "no_checkpoint":
+        checkpoint = tmp_path / "nothing"
+    else:
+        checkpoint = resolve_checkpoint(checkpoint).weights
+    assert vlp_eval(["export", str(checkpoint), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("vlp-eval: error: "), err
+    assert case == "used_out" or not (out / "open_clip_config.json").exists()
