@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -20,6 +19,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from vlp import provenance
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
@@ -222,31 +223,12 @@ def _write_photo_like(path: Path, seed: int, index: int) -> None:
 # --- results -----------------------------------------------------------------------------
 
 
+machine_info = provenance.machine_info
+
+
 def git_state() -> dict[str, Any]:
-    """HEAD ("uncommitted" before the first commit) and whether tracked files differ from it."""
-    head = _git("rev-parse", "HEAD")
-    if not head:
-        return {"commit": "uncommitted", "dirty": True}
-    return {"commit": head, "dirty": bool(_git("status", "--porcelain", "--untracked-files=no"))}
-
-
-def _git(*args: str) -> str:
-    result = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=False)
-    return result.stdout.strip() if result.returncode == 0 else ""
-
-
-def machine_info() -> dict[str, Any]:
-    model = "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    return {
-        "cores": os.cpu_count(),
-        "cpu_model": model,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-    }
+    """HEAD of this checkout and whether tracked files differ from it."""
+    return provenance.git_state(REPO)
 
 
 def write_results(path: Path, payload: dict[str, Any]) -> Path:

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 from pathlib import Path
 from typing import Any
 
 from vlp.checkpoint import versions
+from vlp.provenance import git_state, machine_info
 from vlp.runlayout import METRICS_FILE
 from vlp.study.report import WALL
 from vlp.study.runner import is_finished, score_path, wall_time
@@ -93,7 +93,8 @@ def summarize(study: Study, runs: list[dict[str, Any]], seconds: float) -> dict[
             "runs": sum(r["final"][WALL] for r in finished),
             "this_invocation": seconds,
         },
-        "machine": {"cores": os.cpu_count(), "platform": platform.platform()},
+        "git": git_state(),
+        "machine": machine_info(),
         "versions": versions(),
         "results": {group: _group_results(study, finished, group) for group in study.groups},
         "runs": runs,
