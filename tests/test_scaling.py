@@ -140,15 +140,20 @@ def test_single_gpu_config_trains_as_plain_python_does(shards, tmp_path):
     _assert_same(launched, reference)
 
 
-def _bench(name: str):
+def _bench(name: str, monkeypatch):
+    """A bench script as a module; its helpers (bench/_common.py) sit beside it, where running
+    the script puts them on sys.path."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
     spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_local_contrastive_loss_memory_is_linear_in_world_size_at_fixed_per_rank_batch():
-    loss_memory = _bench("loss_memory")
+def test_local_contrastive_loss_memory_is_linear_in_world_size_at_fixed_per_rank_batch(
+    monkeypatch,
+):
+    loss_memory = _bench("loss_memory", monkeypatch)
     local = {w: loss_memory.peak_mib("local", 64, w)[0] for w in (8, 32)}
     naive = {w: loss_memory.peak_mib("naive", 64, w)[0] for w in (8, 32)}
     # 4x the ranks: the local loss's [B, W*B] logits and gathered rows grow 4x (its fixed

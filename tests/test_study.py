@@ -251,6 +251,14 @@ def micro(tmp_path_factory) -> dict:
     }))  # fmt: skip
     out = root / "out"
     first = _start_and_kill(study, out / "runs" / "fast" / "seed_0")
+    logs = out.glob("runs/*/*/study-attempts.jsonl")
+    attempts = {log.parent: _attempt_starts(log.parent) for log in logs}
+    report = subprocess.run(_study_command(study, "--report"), cwd=REPO, capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    after = {run_dir: _attempt_starts(run_dir) for run_dir in attempts}
+    first["report"], first["attempts"] = report, (attempts, after)
+    written = out / "study.json"
+    first["partial"] = json.loads(written.read_text()) if report.returncode == 0 else {}
     second = subprocess.run(
         _study_command(study, "--jobs", "2"), cwd=REPO, capture_output=True, text=True, timeout=900
     )
@@ -293,6 +301,18 @@ def _alive(pid: int) -> bool:
 def _attempt_starts(run_dir: Path) -> int:
     lines = (run_dir / "study-attempts.jsonl").read_text().splitlines()
     return sum("started" in json.loads(line) for line in lines)
+
+
+@pytest.mark.slow
+def test_report_writes_the_finished_runs_of_a_stopped_study_and_trains_nothing(micro):
+    first = micro["first"]
+    assert first["report"].returncode == 0, first["report"].stderr[-2000:]
+    partial = first["partial"]
+    assert partial["runs_total"] == 4 and 1 <= partial["runs_finished"] < 4
+    assert sum(r["finished"] for r in partial["runs"]) == partial["runs_finished"]
+    before, after = first["attempts"]
+    assert before and before == after  # --report started no training
+    assert "prepare" not in first["report"].stderr  # nor the prepare commands
 
 
 @pytest.mark.slow

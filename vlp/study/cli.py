@@ -41,6 +41,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--dry-run", action="store_true", help="check the study file, list its runs, train none"
     )
+    parser.add_argument(
+        "--report", action="store_true",
+        help="write study.json, study.md and figures from the runs finished so far, train none",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, not {args.jobs}")
@@ -55,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         check_record(study)
         if args.dry_run:
             return list_runs(study)
+        if args.report:
+            return report_finished(study, started)
         return run_study(study, args.jobs, started)
     except (StudyError, runlock.Busy) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
@@ -115,6 +121,17 @@ def run_study(study: Study, jobs: int, started: float) -> int:
         check_record(study)  # again, now that no other vlp-study can write it
         results.write_json(study.output_dir / PLAN_FILE, study.record)
         return _train_and_report(study, jobs, started)
+
+
+def report_finished(study: Study, started: float) -> int:
+    """The study's outputs from its finished runs, while (or instead of) training the rest."""
+    from vlp.study import report, results
+
+    if not (study.output_dir / PLAN_FILE).is_file():
+        raise StudyError(f"{study.output_dir}: no run of this study has started; nothing to report")
+    records = [results.run_record(study, run) for run in study.runs]
+    write_outputs(study, results.summarize(study, records, time.time() - started), report, results)
+    return 0
 
 
 def _train_and_report(study: Study, jobs: int, started: float) -> int:
