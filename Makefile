@@ -48,12 +48,14 @@ bench: $(STAMP) ## run the CPU benchmarks against their peers; results in bench/
 
 STUDIES ?= studies/gap.yaml studies/gap_finetune.yaml studies/dreamlip.yaml studies/protoclip.yaml
 STUDY_JOBS ?= 1
-studies: $(STAMP) ## multi-seed method studies (hours on 2 cores; resumable): study.md, README tables
+studies: $(STAMP) ## method studies and quality vs open_clip (hours on 2 cores; resumable): README tables
 	@for study in $(STUDIES); do \
 		start=$$(date +%s); \
 		$(PY) -m vlp.study $$study --jobs $(STUDY_JOBS) || exit $$?; \
 		echo "$$study: $$(( $$(date +%s) - start )) s wall time"; \
 	done
+	@start=$$(date +%s); $(PY) bench/quality_vs_open_clip.py || exit $$?; \
+		echo "bench/quality_vs_open_clip.py: $$(( $$(date +%s) - start )) s wall time"
 	$(PY) bench/readme_table.py
 
 GPU_PY ?= python3
