@@ -22,6 +22,8 @@ from tests.test_golden_runs import write_shards
 from vlp.config import load_config
 from vlp.trainer import Trainer
 
+BUILTIN = "ViT-S-32-alt"
+"""A small model config of open_clip's own (about 43M parameters)."""
 PROBE = """
 import json, sys, numpy as np, open_clip, torch
 model, _, preprocess = open_clip.create_model_and_transforms(sys.argv[1])
@@ -55,12 +57,18 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         "clip": _train(root, "clip"),
         "coca": _train(root, "coca", "model.name=vlp-tiny-coca", "objectives.caption.weight=1"),
         "hf_lit": _train(root, "hf_lit", f"model.hf_text_model={minilm}", "model.lock_image=true"),
+        # one of open_clip's own configs (224 px): the hub config comes from open_clip itself
+        "builtin": _train(root, "builtin", f"model.name={BUILTIN}"),
     }
 
 
-def _open_clip_embeddings(source: str, tmp_path: Path) -> np.ndarray:
+def _images(name: str) -> np.ndarray:
+    size = 224 if name == "builtin" else 32
+    return np.random.default_rng(0).standard_normal((2, 3, size, size)).astype(np.float32)
+
+
+def _open_clip_embeddings(source: str, images: np.ndarray, tmp_path: Path) -> np.ndarray:
     """Embeddings from open_clip alone, in a fresh process run outside the repository."""
-    images = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
     np.save(tmp_path / "images.npy", images)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-c", PROBE, source, tmp_path / "images.npy",
@@ -70,21 +78,21 @@ def _open_clip_embeddings(source: str, tmp_path: Path) -> np.ndarray:
     return np.load(tmp_path / "out.npy")
 
 
-def _vlp_embeddings(run: Path) -> np.ndarray:
+def _vlp_embeddings(run: Path, images: np.ndarray) -> np.ndarray:
     model = load_model(resolve_checkpoint(run))
     tokens = model.tokenizer(["a red circle", "two blue stars on a striped background"])
-    images = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 3, 32, 32)))
     with torch.no_grad():
         text = model.module.encode_text(tokens.to(model.device))
-        image = model.module.encode_image(images.float().to(model.device))
+        image = model.module.encode_image(torch.from_numpy(images).to(model.device))
     return np.concatenate([text.numpy(), image.numpy()])
 
 
-@pytest.mark.parametrize("name", ["clip", "coca", "hf_lit"])
+@pytest.mark.parametrize("name", ["clip", "coca", "hf_lit", "builtin"])
 def test_open_clip_loads_a_checkpoint_and_its_export_by_path(runs, name, tmp_path):
-    expected = _vlp_embeddings(runs[name])
+    images = _images(name)
+    expected = _vlp_embeddings(runs[name], images)
     checkpoint = resolve_checkpoint(runs[name]).weights.parent
-    loaded = _open_clip_embeddings(f"local-dir:{checkpoint}", tmp_path)
+    loaded = _open_clip_embeddings(f"local-dir:{checkpoint}", images, tmp_path)
     np.testing.assert_allclose(loaded, expected, rtol=1e-5, atol=1e-6)
     out = tmp_path / "export"
     assert vlp_eval(["export", str(runs[name]), str(out)]) == 0
@@ -92,7 +100,7 @@ def test_open_clip_loads_a_checkpoint_and_its_export_by_path(runs, name, tmp_pat
     tower = config["model_cfg"]["text_cfg"].get("hf_model_name")
     assert tower is None or Path(tower) == (out / "hf_text").resolve()  # not the package's
     np.testing.assert_allclose(
-        _open_clip_embeddings(f"local-dir:{out}", tmp_path), expected, rtol=1e-5, atol=1e-6
+        _open_clip_embeddings(f"local-dir:{out}", images, tmp_path), expected, rtol=1e-5, atol=1e-6
     )
 
 
