@@ -6,7 +6,8 @@ The performance table sits between the two PERF markers in README.md. Each row r
 results file; a file that is missing leaves its row out. Each `<!-- STUDY:<name>:START -->`
 ... `<!-- STUDY:<name>:END -->` block gets the headline table of
 bench/results/studies/<name>/study.json (written by `vlp-study`); without that file the block
-is left as it is.
+is left as it is. The `<!-- QUALITY:START -->` ... `<!-- QUALITY:END -->` block gets the
+table of results/quality_vs_open_clip.json.
 """
 
 from __future__ import annotations
@@ -31,6 +32,19 @@ STUDY_BLOCK = re.compile(
     r".*?(?P<end><!-- STUDY:(?P=name):END -->)",
     re.DOTALL,
 )
+QUALITY_BLOCK = re.compile(
+    r"(?P<start><!-- QUALITY:START[^\n]*-->)\n.*?(?P<end><!-- QUALITY:END -->)", re.DOTALL
+)
+QUALITY_METRICS = {
+    "acc1": "zero-shot acc1 (Fashion-MNIST test)",
+    "acc5": "zero-shot acc5",
+    "t2i_r1": "text→image R@1 (test mosaics)",
+    "t2i_r5": "text→image R@5",
+    "i2t_r1": "image→text R@1",
+    "i2t_r5": "image→text R@5",
+    "final_loss": "training loss, last 5 steps",
+    "seconds": "whole command, s",
+}
 Row = tuple[str, str, str, str]
 """(what, peer, vlp / peer, note)"""
 
@@ -216,6 +230,49 @@ def study_caption(payload: dict[str, Any], path: Path) -> str:
     )
 
 
+def quality_block(text: str) -> str:
+    """The QUALITY block rewritten from results/quality_vs_open_clip.json, if it exists."""
+    path = RESULTS / "quality_vs_open_clip.json"
+    if not path.is_file():
+        return text
+    d = json.loads(path.read_text())
+    s = d["summary"]
+    lines = ["| measure | vlp | open_clip | vlp − open_clip |", "| --- | --- | --- | --- |"]
+    for key, label in QUALITY_METRICS.items():
+        digits = 1 if key == "seconds" else 3
+        cells = [_estimate(s["final"][tool][key], digits) for tool in ("vlp", "open_clip")]
+        cells.append(_estimate(s["vlp_minus_open_clip"][key], digits, sign=True))
+        lines.append(f"| {label} | {' | '.join(cells)} |")
+    reach = s["time_to_target"]
+    clocks = [reach[t]["mean_curve_clock"] for t in ("vlp", "open_clip")]
+    ratio = s["time_ratio_vlp_over_open_clip"]
+    lines.append(
+        f"| time to open_clip's mean final acc1 ({s['target_acc1']:.3f}), s | "
+        + " | ".join("not reached" if c is None else f"{c:.0f}" for c in clocks)
+        + f" | {'-' if ratio is None else f'{ratio:.2f}x'} (goal ≤ {s['goal_time_ratio']}x) |"
+    )
+    git = d["git"]["commit"][:7] + (" (dirty)" if d["git"].get("dirty") else "")
+    caption = (
+        f"`bench/quality_vs_open_clip.py` at {git}, seeds {', '.join(map(str, s['seeds']))}, "
+        f"{d['settings']['samples']:,} samples per run, {d['machine']['cores']} cores of "
+        f"{d['machine']['cpu_model']}; "
+        "mean ± half-width of the 95 % Student-t interval over seeds, differences paired by seed."
+    )
+    body = caption + "\n\n" + "\n".join(lines)
+    return QUALITY_BLOCK.sub(lambda m: f"{m['start']}\n{body}\n{m['end']}", text)
+
+
+def _estimate(e: dict[str, Any] | None, digits: int, sign: bool = False) -> str:
+    if e is None:
+        return "-"
+    mean = f"{e['mean']:+.{digits}f}" if sign else f"{e['mean']:.{digits}f}"
+    if e["low"] is None:
+        return mean
+    if sign:
+        return f"{mean} [{e['low']:+.{digits}f}, {e['high']:+.{digits}f}]"
+    return f"{mean} ± {(e['high'] - e['low']) / 2:.{digits}f}"
+
+
 def main() -> int:
     text = README.read_text()
     if START not in text or END not in text:
@@ -223,7 +280,7 @@ def main() -> int:
         return 2
     head, rest = text.split(START, 1)
     tail = rest.split(END, 1)[1]
-    README.write_text(study_blocks(f"{head}{START}\n{table()}\n{END}{tail}"))
+    README.write_text(quality_block(study_blocks(f"{head}{START}\n{table()}\n{END}{tail}")))
     print(f"readme_table: {README.relative_to(REPO)} updated from {RESULTS.relative_to(REPO)}/")
     return 0
 
