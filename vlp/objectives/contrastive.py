@@ -7,6 +7,9 @@ Two options change the image->text side or both softmaxes:
   gathered negative. Negatives are never queries, so text->image is unchanged.
 - decoupled (DCL): the positive is left out of each row's denominator,
   L_i = -s_ii + log sum_{j != i} exp(s_ij)   (s: scaled cosines).
+
+`tile` computes the same loss in column tiles with a recomputing backward (vlp.objectives.tiled),
+so its memory is O(B × tile) instead of O(B × W·B); off (None), the loss is computed as before.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from vlp.config import TermConfig
 from vlp.data.pipeline import Batch
 from vlp.model import ModelOutput
 from vlp.objectives import OBJECTIVES, Objective
+from vlp.objectives.tiled import tiled_cross_entropy
 
 
 @dataclass
@@ -36,9 +40,13 @@ class ContrastiveConfig(TermConfig):
     uses 0.01, i.e. scale 100); the model's logit_scale is set to ln(1/this) and frozen."""
     decoupled: bool = False
     """DCL (Yeh et al. 2022): leave the positive pair out of each softmax's denominator."""
+    tile: int | None = None
+    """Columns per tile: the logits are never held whole, so the loss's memory no longer grows
+    with the global batch (equal to the untiled loss up to float rounding). None: untiled."""
 
     def checks(self) -> list[tuple[bool, str, str]]:
         return [
+            (self.tile is None or self.tile >= 1, "tile", "at least 1, or null for no tiles"),
             (self.max_logit_scale >= 1, "max_logit_scale", "at least 1"),
             (
                 self.fixed_temperature is None or self.fixed_temperature > 0,
@@ -55,6 +63,7 @@ def clip_loss(
     negatives: Tensor | None = None,
     negative_mask: Tensor | None = None,
     decoupled: bool = False,
+    tile: int | None = None,
 ) -> Tensor:
     """Mean of image->text and text->image cross-entropy.
 
@@ -63,10 +72,17 @@ def clip_loss(
     ranks equals the single-process loss on the concatenated batch.
     negatives: [B, K, D] normalised negative captions of each image; negative_mask [B, K] (bool)
     marks the real ones (the others are no column at all).
+    tile: compute both sides in column tiles of this size (vlp.objectives.tiled).
     """
     all_image = distributed.gather_with_grad(image_emb)  # [W*B, D]
     all_text = distributed.gather_with_grad(text_emb)
     targets = distributed.contrastive_targets(image_emb.shape[0], image_emb.device)
+    if tile is not None:
+        keys, mask = _image_side_columns(all_text, negatives, negative_mask)
+        return (
+            tiled_cross_entropy(image_emb, keys, scale, targets, tile, decoupled, mask)
+            + tiled_cross_entropy(text_emb, all_image, scale, targets, tile, decoupled)
+        ) / 2
     logits_per_image = scale * image_emb @ all_text.T  # [B, W*B]
     logits_per_text = scale * text_emb @ all_image.T
     if negatives is not None:
@@ -75,6 +91,21 @@ def clip_loss(
         )  # [B, W*B + W*B*K]
     cross_entropy = decoupled_cross_entropy if decoupled else F.cross_entropy
     return (cross_entropy(logits_per_image, targets) + cross_entropy(logits_per_text, targets)) / 2
+
+
+def _image_side_columns(
+    all_text: Tensor, negatives: Tensor | None, mask: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """The image->text columns, every rank's captions then every rank's negatives ([W*B + W*B*K,
+    D], as in the untiled logits), and which of them exist (None: all)."""
+    if negatives is None:
+        return all_text, None
+    all_negatives = distributed.gather_with_grad(negatives.flatten(0, 1))
+    keys = torch.cat([all_text, all_negatives])
+    if mask is None:
+        return keys, None
+    present = distributed.gather(mask.flatten().to(keys.device))
+    return keys, torch.cat([present.new_ones(all_text.shape[0]), present])
 
 
 def _negative_logits(
@@ -121,11 +152,12 @@ class ContrastiveObjective(Objective):
         self.max_log_scale = math.log(cfg.max_logit_scale)
         self.fixed_temperature = cfg.fixed_temperature
         self.decoupled = cfg.decoupled
+        self.tile = cfg.tile
 
     def __call__(self, out: ModelOutput, batch: Batch) -> Tensor:
         negatives, mask = negative_slots(out, batch)
         return clip_loss(
-            out.image_emb, out.text_emb, out.logit_scale, negatives, mask, self.decoupled
+            out.image_emb, out.text_emb, out.logit_scale, negatives, mask, self.decoupled, self.tile
         )
 
     @torch.no_grad()
