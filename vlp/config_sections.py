@@ -158,10 +158,14 @@ class TrainConfig:
     the processes on this node. OMP_NUM_THREADS is not read on CPU: `accelerate launch` and
     torchrun set it to 1 themselves, which would train on one core. GPU runs ignore it."""
     log_every_steps: int = 10
+    peak_tflops: float | None = None
+    """The device's peak TFLOP/s at train.precision, for the MFU in the logs; null: the bf16
+    peak of a known GPU (vlp/throughput.py), else no MFU (tokens/s and TFLOP/s still logged)."""
 
     def checks(self) -> list[Check]:
         return [
             *finite_checks(self),
+            (self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops", "positive or null"),
             (self.steps >= 1, "steps", "at least 1"),
             (self.lr > 0, "lr", f"positive, not {self.lr}"),
             (0 <= self.min_lr <= self.lr, "min_lr", f"in [0, train.lr={self.lr}]"),

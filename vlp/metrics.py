@@ -99,6 +99,10 @@ def _summary(values: dict[str, Any]) -> str:
     parts = [f"loss {values['loss/total']:.4f}"] if "loss/total" in values else []
     if "samples_per_s" in values:
         parts.append(f"{values['samples_per_s']:.0f} samples/s")
+    if "tflops" in values:
+        parts.append(f"{values['tokens_per_s']:.0f} tokens/s, {values['tflops']:.3g} TFLOP/s")
+    if "mfu" in values:
+        parts.append(f"MFU {100 * values['mfu']:.1f}%")
     if "data_wait" in values:
         parts.append(f"data wait {100 * values['data_wait']:.0f}%")
     return ", ".join(parts)

@@ -37,6 +37,7 @@ from vlp.runlayout import (
 )
 from vlp.steplog import LogWindow, NonFiniteWatch, skipped_samples
 from vlp.stopping import Stopped, StopRequests
+from vlp.throughput import FlopModel, WorkCounter, peak_tflops
 
 PROG = "vlp-train"
 
@@ -99,6 +100,8 @@ class Trainer:
                 "loss with a non-zero weight); set it to false"
             )
         self.objective.prepare_model(model)
+        peak = peak_tflops(cfg.train.peak_tflops, self.accelerator.device, cfg.train.precision)
+        self.work = WorkCounter(FlopModel(model, tokenizer.context_length), peak)
         if cfg.train.compile:
             model = torch.compile(model)
         optimizer = build_optimizer(model, cfg.train, visual_groups=self.method.visual_groups)
@@ -201,15 +204,10 @@ class Trainer:
 
     def _eval_model(self, transform, tokenizer) -> EvalModel:
         """The live open_clip module (not a copy), so evaluations see the current weights."""
-        return EvalModel(
-            self.accelerator.unwrap_model(self.model).clip,
-            transform,
-            tokenizer,
-            self.cfg.model.name,
-            pretrained=f"{self.run_dir} (during training)",
-            device=self.accelerator.device,
-            precision=self.cfg.train.precision,
-        )
+        acc, cfg = self.accelerator, self.cfg
+        return EvalModel(acc.unwrap_model(self.model).clip, transform, tokenizer, cfg.model.name,
+                         pretrained=f"{self.run_dir} (during training)", device=acc.device,
+                         precision=cfg.train.precision)  # fmt: skip
 
     def _message(self, text: str) -> None:
         self.logger.message(f"{PROG}: {text}")
@@ -231,7 +229,7 @@ class Trainer:
 
     def _train(self) -> None:
         cfg, batches = self.cfg, None
-        window = LogWindow()
+        window = LogWindow(self.work)
         while self.step < cfg.train.steps:
             stop = distributed.max_over_ranks(self.stops.signum)  # every rank, the same step
             if stop:
@@ -366,6 +364,7 @@ class Trainer:
                 raise
             raise _WorkersGone from None
         self.positions[batch.worker] = batch.position
+        self.work.add(batch)
         return batch, time.perf_counter() - started
 
     def _forward(self, batch: Batch):

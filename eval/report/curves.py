@@ -1,7 +1,7 @@
 """Training and eval curves from a run's metrics.jsonl.
 
 One JSON object per line with a "step": training records (`loss/*`, `lr`, `samples_per_s`,
-`data_wait`, ...) and eval records (`eval/<set>/<metric>`).
+`tflops`, `mfu`, `data_wait`, ...) and eval records (`eval/<set>/<metric>`).
 """
 
 from __future__ import annotations
@@ -74,6 +74,8 @@ def training_panels(records: list[dict[str, Any]]) -> list[Panel]:
         Panel("losses", [k for k in keys if k.startswith("loss/")], "loss", _after_slash),
         Panel("learning rate", [k for k in keys if k == "lr"], "lr"),
         Panel("throughput", [k for k in keys if k == "samples_per_s"], "samples / s"),
+        Panel("achieved TFLOP/s", [k for k in keys if k == "tflops"], "TFLOP/s"),
+        Panel("MFU", [k for k in keys if k == "mfu"], "fraction of peak"),
         Panel("data wait", [k for k in keys if k == "data_wait"], "fraction of step time"),
     ]
     return [p for p in panels if p.keys]
