@@ -52,7 +52,8 @@ def _check_headline(text: str, results_dir) -> None:
 def test_curves_group_training_and_eval_keys(tmp_path):
     path = tmp_path / "metrics.jsonl"
     records = [
-        {"step": 10, "loss/total": 3.0, "loss/caption": 1.0, "lr": 1e-4, "samples_per_s": 9.0},
+        {"step": 10, "loss/total": 3.0, "loss/caption": 1.0, "lr": 1e-4, "samples_per_s": 9.0,
+         "tflops": 0.02, "mfu": 0.3},
         {"step": 20, "eval/shapes/acc1": 0.5, "eval/shapes/acc5": 0.9, "eval/retrieval/gap": 1.1,
          "eval/retrieval/image_retrieval_recall@1": 0.2, "eval/retrieval/uniformity": -3.1,
          "eval/retrieval/alignment": 0.9, "eval/retrieval/linear_separability": 0.7},
@@ -65,6 +66,8 @@ def test_curves_group_training_and_eval_keys(tmp_path):
         ("losses", ["loss/total", "loss/caption"]),
         ("learning rate", ["lr"]),
         ("throughput", ["samples_per_s"]),
+        ("achieved TFLOP/s", ["tflops"]),
+        ("MFU", ["mfu"]),
     ]
     assert [(p.title, p.keys) for p in eval_panels(loaded)] == [
         ("eval: shapes", ["eval/shapes/acc1", "eval/shapes/acc5"]),
