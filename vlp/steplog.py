@@ -40,21 +40,20 @@ class NonFiniteWatch:
 
 def log_record(
     logs: dict[str, Any], skipped: Counter, steps: int, elapsed: float, wait: float, batch: int,
-    work: dict[str, float] | None = None, peak: float | None = None,
+    work: dict[str, float], peak: float | None,
 ) -> dict[str, float]:  # fmt: skip
     """The logged values of a window of `steps` steps of global batch `batch`: each value
     averaged over processes, skipped samples (this process's by reason) and `work` (tokens and
     training FLOPs, vlp.throughput) summed (collective); MFU against `peak` TFLOP/s per process."""
     local = {name: float(value) for name, value in logs.items()}
     local["data_wait"] = wait / elapsed
-    everyone = distributed.all_gather_objects((local, dict(skipped), work or {}))
+    everyone = distributed.all_gather_objects((local, dict(skipped), work))
     record = {name: sum(v[name] for v, _, _ in everyone) / len(everyone) for name in local}
     record["samples_per_s"] = steps * batch / elapsed
-    if work is not None:
-        record["tokens_per_s"] = sum(w["tokens"] for _, _, w in everyone) / elapsed
-        record["tflops"] = sum(w["flops"] for _, _, w in everyone) / elapsed / 1e12
-        if peak:
-            record["mfu"] = record["tflops"] / (peak * len(everyone))
+    record["tokens_per_s"] = sum(w["tokens"] for _, _, w in everyone) / elapsed
+    record["tflops"] = sum(w["flops"] for _, _, w in everyone) / elapsed / 1e12
+    if peak:
+        record["mfu"] = record["tflops"] / (peak * len(everyone))
     total: Counter = Counter()
     for _, counts, _ in everyone:
         total.update(counts)
@@ -71,10 +70,10 @@ def skipped_samples(positions: dict[Any, Any]) -> Counter:
 
 
 class LogWindow:
-    """Steps, wall time, data wait and (with a vlp.throughput.WorkCounter) tokens and FLOPs
-    since the last log step."""
+    """Steps, wall time and data wait since the last log step; `work` (a
+    vlp.throughput.WorkCounter) counts the window's tokens and FLOPs."""
 
-    def __init__(self, work: Any = None) -> None:
+    def __init__(self, work: Any) -> None:
         self.work = work
         self._restart()
 
@@ -87,7 +86,9 @@ class LogWindow:
     def close(self, logs: dict[str, Any], skipped: Counter, batch: int) -> dict[str, float]:
         """The window's log record (collective); the next window starts now."""
         elapsed = time.perf_counter() - self.start
-        work, peak = (None, None) if self.work is None else (self.work.take(), self.work.peak)
-        record = log_record(logs, skipped, self.steps, elapsed, self.wait, batch, work, peak)
+        work = self.work.take()
+        record = log_record(
+            logs, skipped, self.steps, elapsed, self.wait, batch, work, self.work.peak
+        )
         self._restart()
         return record
