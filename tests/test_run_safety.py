@@ -214,6 +214,32 @@ def test_the_first_signal_requests_a_stop_a_launchers_repeat_is_the_same_a_secon
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+def test_a_worker_ending_as_the_stop_request_arrives_prints_nothing():
+    """SIGINT and SIGCHLD pending together: the stop handler runs first and replaces torch's
+    SIGCHLD handler; the pending SIGCHLD must still find a Python handler, or CPython prints
+    'Signal 17 ignored due to race condition' with a traceback (seen at a SIGTERM stop)."""
+    script = """
+import os, signal, time
+from vlp.stopping import StopRequests
+signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # torch's DataLoader handler
+both = {signal.SIGINT, signal.SIGCHLD}
+with StopRequests() as stops:
+    signal.pthread_sigmask(signal.SIG_BLOCK, both)
+    os.kill(os.getpid(), signal.SIGCHLD)
+    os.kill(os.getpid(), signal.SIGINT)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, both)  # handlers run in signal-number order
+    time.sleep(0.05)
+    assert stops.signum == signal.SIGINT
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines == ["vlp: SIGINT: stopping after this step (Ctrl-C again: at once)"], lines
+
+
 # ---- the ProtoCLIP teacher's PCA
 
 

@@ -42,7 +42,7 @@ def test_every_accelerate_config_loads_with_its_engine():
         assert config.mixed_precision == "no", name
         assert config.dynamo_config.get("dynamo_backend", "NO") == "NO", name
     fsdp = load_config_from_file(str(CONFIGS / "fsdp.yaml")).fsdp_config
-    assert fsdp["fsdp_sharding_strategy"] == "FULL_SHARD"
+    assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_reshard_after_forward"] is True
     assert fsdp["fsdp_transformer_layer_cls_to_wrap"] == "ResidualAttentionBlock"
     zero = load_config_from_file(str(CONFIGS / "deepspeed_zero2.yaml")).deepspeed_config
     assert zero["zero_stage"] == 2

@@ -1,7 +1,7 @@
 """Checkpoints: accelerate state + meta.json + an open_clip export, written atomically.
 
     RUN/checkpoints/step_000000100/
-        state/               accelerator.save_state: model (safetensors), optimizer, RNG states
+        state/               model (safetensors), optimizer, RNG states (vlp/engine.py)
         model.safetensors    open_clip weights: open_clip.create_model(name, pretrained=this file)
         open_clip_config.json  open_clip's hub config: create_model_and_transforms("local-dir:DIR")
         episode.safetensors  ProtoCLIP runs in a clustering episode: its labels and prototypes
@@ -73,8 +73,7 @@ def versions() -> dict[str, str]:
 
 
 def save(
-    accelerator,
-    model,
+    engine,
     run_dir: Path,
     step: int,
     meta: CheckpointMeta,
@@ -84,20 +83,23 @@ def save(
 ) -> Path:
     """Collective: every process calls it. Returns the checkpoint directory.
 
+    `engine` (vlp/engine.py) writes the model, optimizer and RNG states into state/ and hands
+    back the whole model state for the open_clip export.
+
     `extra(directory)` writes further files of the main process into the checkpoint (before
     meta.json, so they are part of what makes it complete); `hub` (vlp.model.OpenClipHub) writes
     what lets open_clip load the checkpoint by path."""
     root = run_dir / CHECKPOINT_DIR
     final = root / checkpoint_name(step)
     temporary = root / f".{final.name}.tmp"
+    main = engine.accelerator.is_main_process
     try:
-        if accelerator.is_main_process:
+        if main:
             _remove_hidden(root)
             temporary.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(temporary / STATE_DIR))
-        weights = accelerator.get_state_dict(model)  # every process: FSDP gathers its shards
-        if accelerator.is_main_process:
+        engine.accelerator.wait_for_everyone()
+        weights = engine.save_state(temporary / STATE_DIR)
+        if main:
             _write_files(weights, temporary, meta, extra, hub)
             if final.exists():  # a rerun that reached the same step: replace it whole
                 _delete(final)
@@ -106,7 +108,7 @@ def save(
     except WRITE_ERRORS as err:
         shutil.rmtree(temporary, ignore_errors=True)  # give the space back
         raise CheckpointError(_failure(err, final)) from err
-    accelerator.wait_for_everyone()
+    engine.accelerator.wait_for_everyone()
     return final
 
 
@@ -181,7 +183,7 @@ def resolve(resume: str, run_dir: Path) -> Path | None:
     return path
 
 
-def load(accelerator, path: Path) -> CheckpointMeta:
+def load(engine, path: Path) -> CheckpointMeta:
     """Restore model, optimizer and RNG states in place; return the checkpoint's meta.
 
     accelerate reads every pickled state with torch's weights_only loader, so a file carrying
@@ -198,7 +200,7 @@ def load(accelerator, path: Path) -> CheckpointMeta:
             safe_load(culprit)
         pickled = ", ".join(p.name for p in sorted(state.glob("*.bin"))) or "state"
         culprit = state / (pickled if "," not in pickled else f"{{{pickled}}}")
-        accelerator.load_state(str(state))
+        engine.load_state(state)
     except (pickle.UnpicklingError, RuntimeError, EOFError, SafetensorError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ConfigError(

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
-from torch import Tensor
+from torch import Tensor, nn
 
 from vlp.config import ConfigError
 
@@ -239,3 +239,61 @@ def _host_group():
     if _cpu_group is None:
         _cpu_group = dist.new_group(backend="gloo")
     return _cpu_group
+
+
+def average_gradients(params: list[Tensor]) -> None:
+    """Replace each parameter's gradient by its mean over ranks, in place (what DDP does; vlp's
+    FSDP does it for the scalar parameters FSDP2 cannot shard)."""
+    if not is_distributed():
+        return
+    for param in params:
+        if param.grad is not None:
+            dist.all_reduce(param.grad)
+            param.grad.div_(world_size())
+
+
+def clip_grad_norm(sharded: list[Tensor], replicated: list[Tensor], max_norm: float) -> Tensor:
+    """Scale every gradient by min(1, max_norm / (‖g‖ + 1e-6)), ‖g‖ the 2-norm over all of
+    them, as torch.nn.utils.clip_grad_norm_ does; returns ‖g‖.
+
+    `sharded`: this rank's local pieces of gradients split over ranks (their squares are summed
+    over ranks); `replicated`: gradients every rank holds whole (counted once).
+    """
+    squares = torch.zeros((), dtype=torch.float32)
+    for grad in sharded:
+        squares += grad.detach().float().pow(2).sum().cpu()
+    squares = all_reduce_sum(squares)
+    for grad in replicated:
+        squares += grad.detach().float().pow(2).sum().cpu()
+    total = squares.sqrt()
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for grad in [*sharded, *replicated]:
+        grad.mul_(scale.to(grad.device, grad.dtype))
+    return total
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None):
+    """(model state, optimizer state) of a model sharded by FSDP2, gathered whole onto rank 0's
+    CPU (empty dicts elsewhere); the optimizer state is keyed by parameter names. Collective."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, get_model_state_dict, get_state_dict,
+    )  # fmt: skip
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if optimizer is None:
+        return get_model_state_dict(model, options=options), {}
+    return get_state_dict(model, optimizer, options=options)
+
+
+def load_full_state(model: nn.Module, optimizer, model_state: dict, optimizer_state: dict) -> None:
+    """Load whole states (as `full_state` returns them, read by every rank) into an FSDP2 model
+    and its optimizer: each rank keeps its shards. Collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=model_state,
+        optim_state_dict=optimizer_state,
+        options=StateDictOptions(full_state_dict=True),
+    )

@@ -151,6 +151,7 @@ class EpisodeRunner(Method):
     and the episode state in checkpoints as hooks."""
 
     find_unused_parameters = True  # the heads train only in clustering episodes
+    not_shardable = "ProtoCLIP's episodes encode their samples outside the model's forward"
 
     def __init__(self, loop: Loop) -> None:
         super().__init__(loop)

@@ -55,6 +55,8 @@ class Method:
     """Some parameters get no gradient at some steps (DDP must look for them)."""
     visual_groups: bool = False
     """The optimizer puts the image tower in groups of its own (marked `visual`)."""
+    not_shardable: str | None = None
+    """Why FSDP cannot shard the model for this method (None: it calls only the forward)."""
 
     def __init__(self, loop: Loop) -> None:
         self.loop = loop

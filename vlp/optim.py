@@ -48,6 +48,8 @@ def build_optimizer(
     `group["visual"]`, so a LiT phase can give them another learning rate.
     torch's fused kernel (CPU and CUDA) updates all parameters in one pass: on the CPU it is
     about 5x faster than the default for-each kernel, a quarter of a small model's step.
+    Under FSDP, parameters sharded as DTensors and whole ones go to separate groups (one kernel
+    call cannot take both).
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = []
@@ -56,8 +58,8 @@ def build_optimizer(
         for decay in (True, False):
             params = [p for n, p in part if no_decay(n, p) != decay]
             weight_decay = train_cfg.weight_decay if decay else 0.0
-            if params or not visual_groups:
-                groups.append({"params": params, "weight_decay": weight_decay, "visual": visual})
+            for kind in _by_kind(params) if params else ([] if visual_groups else [[]]):
+                groups.append({"params": kind, "weight_decay": weight_decay, "visual": visual})
     return torch.optim.AdamW(
         groups,
         lr=train_cfg.lr,
@@ -65,3 +67,12 @@ def build_optimizer(
         eps=train_cfg.eps,
         fused=True,
     )
+
+
+def _by_kind(params: list[nn.Parameter]) -> list[list[nn.Parameter]]:
+    """`params` split into plain tensors and DTensors (FSDP shards), in that order; no empty part."""
+    from torch.distributed.tensor import DTensor
+
+    sharded = [p for p in params if isinstance(p, DTensor)]
+    plain = [p for p in params if not isinstance(p, DTensor)]
+    return [part for part in (plain, sharded) if part]

@@ -68,8 +68,11 @@ class StopRequests:
         now = time.monotonic()
         if not self.signum:
             self.signum, self._first_at = signum, now
-            # workers terminated by a launcher from now on are expected (restored on exit)
-            previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            # workers terminated by a launcher from now on are expected (restored on exit).
+            # A Python no-op, not SIG_DFL: a SIGCHLD already pending for torch's handler would
+            # otherwise find no Python handler and CPython prints "Signal 17 ignored due to race
+            # condition" with a traceback
+            previous = signal.signal(signal.SIGCHLD, _child_ended)
             if previous is not None:  # None: not set from Python, nothing to restore
                 self._previous.setdefault(signal.SIGCHLD, previous)
             if os.environ.get("RANK", "0") == "0":  # one line per run, not per process
@@ -80,3 +83,7 @@ class StopRequests:
         if signum != signal.SIGINT and now - self._first_at < SAME_REQUEST_S:
             return  # a launcher passing the same request on
         raise KeyboardInterrupt  # asked twice: stop at once
+
+
+def _child_ended(signum: int, frame: FrameType | None) -> None:
+    """SIGCHLD after a stop request: nothing to do (the default disposition, from Python)."""

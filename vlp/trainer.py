@@ -17,7 +17,7 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
 from eval.during_training import open_evaluators
 from eval.models import EvalModel
-from vlp import checkpoint, distributed, rundir, runstate
+from vlp import checkpoint, distributed, engine, rundir, runstate
 from vlp.config import Config, ConfigError, to_dict, to_yaml
 from vlp.data.pipeline import Batch, ShardSubset, build_loader
 from vlp.data.transforms import split_for_device
@@ -61,6 +61,7 @@ class Trainer:
         self.objective = WeightedObjective(cfg.objectives)
         method = method_class(self.objective)
         unused = method.find_unused_parameters
+        fsdp = engine.take_fsdp_request()
         self.accelerator = distributed.new_accelerator(
             mixed_precision="bf16" if cfg.train.precision == "bf16" else "no",
             log_with=list(cfg.run.trackers),
@@ -69,6 +70,7 @@ class Trainer:
             if unused
             else None,
         )
+        self.engine = engine.new_engine(self.accelerator, fsdp)
         # rank 0 locks the run directory and decides how the run starts (fresh, resumed, ...)
         self.lock, self.start = distributed.decided_on_rank0(
             lambda: rundir.claim(self.run_dir, cfg.resume, overwrite, PROG)
@@ -104,11 +106,12 @@ class Trainer:
         self.work = WorkCounter(FlopModel(model, tokenizer.context_length), peak)
         if cfg.train.compile:
             model = torch.compile(model)
-        optimizer = build_optimizer(model, cfg.train, visual_groups=self.method.visual_groups)
-        distributed.configure_engine(
-            self.accelerator, cfg.data.batch_size, cfg.train.grad_accum, cfg.train.grad_clip
+        if self.engine.sharded and self.method.not_shardable:
+            raise ConfigError(f"objectives: {self.method.not_shardable}, which vlp's FSDP cannot "
+                              "shard yet; launch with configs/accelerate/ddp.yaml")
+        self.model, self.optimizer = self.engine.prepare(
+            model, lambda m: build_optimizer(m, cfg.train, self.method.visual_groups), cfg
         )
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.step, self.positions, self.saved_step = 0, {}, -1
         self.changes: dict[str, list[Any]] = {}
         self.nonfinite = NonFiniteWatch(self.accelerator.device)
@@ -130,7 +133,7 @@ class Trainer:
         meta = CheckpointMeta.read(path)
         runstate.check_resume(meta, path, self.cfg, self._stream_identity())
         self.changes = rundir.config_changes(meta.config, to_dict(self.cfg))
-        checkpoint.load(self.accelerator, path)
+        checkpoint.load(self.engine, path)
         self.step = meta.step
         if path.parent.resolve() == (self.run_dir / CHECKPOINT_DIR).resolve():
             self.saved_step = self.step
@@ -145,7 +148,7 @@ class Trainer:
             global_batch=self.global_batch,
             accelerator=self.accelerator,
             open_loader=self._open_loader,
-            model=lambda: self.accelerator.unwrap_model(self.model),
+            model=lambda: self.engine.unwrapped(),
             objective=self.objective,
             worker_transform=self.worker_transform,
             tokenizer=self.tokenizer,
@@ -187,8 +190,7 @@ class Trainer:
         if moved:
             self._message(f"moved the run that was in {self.run_dir} to {moved} (--overwrite)")
         where = f"resumed from {resumed} at step {self.step}" if resumed else "started"
-        threads = f"; {torch.get_num_threads()} CPU threads" if acc.device.type == "cpu" else ""
-        self._message(f"{where}; run directory {self.run_dir}{threads}")
+        self._message(f"{where}; run directory {self.run_dir}{self.engine.describe()}")
         history = self.run_dir / HISTORY_FILE
         if self.changes:
             self._message(
@@ -203,9 +205,10 @@ class Trainer:
             )  # fmt: skip
 
     def _eval_model(self, transform, tokenizer) -> EvalModel:
-        """The live open_clip module (not a copy), so evaluations see the current weights."""
+        """The open_clip module evaluations call: the live one (under FSDP rank 0's copy, which
+        the engine refreshes before each evaluation)."""
         acc, cfg = self.accelerator, self.cfg
-        return EvalModel(acc.unwrap_model(self.model).clip, transform, tokenizer, cfg.model.name,
+        return EvalModel(self.engine.eval_module(), transform, tokenizer, cfg.model.name,
                          pretrained=f"{self.run_dir} (during training)", device=acc.device,
                          precision=cfg.train.precision)  # fmt: skip
 
@@ -246,6 +249,8 @@ class Trainer:
                 skipped = skipped_samples(self.positions)
                 self.logger.log(self.step, window.close(logs, skipped, self.global_batch))
             # before the checkpoint, so a run resumed from it never lacks this evaluation
+            if self.evaluators.due(self.step):
+                self.engine.sync_eval_module()
             evaluation = self.evaluators.run(self.step, self.eval_model)
             if evaluation:
                 self.logger.log(self.step, evaluation)
@@ -296,7 +301,7 @@ class Trainer:
 
         Logged values stay tensors (no device sync) until a log step reads them.
         """
-        train_cfg, acc = self.cfg.train, self.accelerator
+        train_cfg = self.cfg.train
         lr = lr_at(
             self.step, train_cfg.lr, train_cfg.warmup_steps, train_cfg.steps, train_cfg.min_lr
         )
@@ -307,11 +312,12 @@ class Trainer:
             totals, wait = self._grad_cache_micro_steps(batches)
         else:
             totals, wait = self._micro_steps(batches)
+        self.engine.finish_gradients()
         if train_cfg.grad_clip > 0:
-            totals["grad_norm"] = acc.clip_grad_norm_(self.model.parameters(), train_cfg.grad_clip)
+            totals["grad_norm"] = self.engine.clip_grad_norm(train_cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        model = acc.unwrap_model(self.model)
+        model = self.engine.unwrapped()
         self.objective.after_optimizer_step(model)
         self.method.after_step(model)
         totals["lr"] = lr
@@ -321,16 +327,16 @@ class Trainer:
 
     def _micro_steps(self, batches) -> tuple[dict[str, Any], float]:
         """Backward over grad_accum micro-batches, each its own loss; (mean logs, wait)."""
-        acc, accum = self.accelerator, self.cfg.train.grad_accum
+        accum = self.cfg.train.grad_accum
         totals: dict[str, Any] = {}
         wait = 0.0
         for micro in range(accum):
             batch, seconds = self._next(batches)
             wait += seconds
             sync = micro == accum - 1  # all-reduce gradients on the last only
-            with contextlib.nullcontext() if sync else acc.no_sync(self.model):
+            with contextlib.nullcontext() if sync else self.engine.no_sync():
                 loss, logs = self._loss(batch)
-                acc.backward(loss / accum)
+                self.engine.backward(loss / accum)
             for name, value in logs.items():
                 totals[name] = totals.get(name, 0.0) + value / accum
         return totals, wait
@@ -342,13 +348,8 @@ class Trainer:
             batch, seconds = self._next(batches)
             micro_batches.append(batch)
             wait += seconds
-        acc = self.accelerator
         logs = grad_cache_step(
-            self._forward,
-            self.objective,
-            micro_batches,
-            acc.backward,
-            lambda: acc.no_sync(self.model),
+            self._forward, self.objective, micro_batches, self.engine.backward, self.engine.no_sync
         )
         self.nonfinite.note(logs["loss/total"], self.step + 1)
         return logs, wait
@@ -386,8 +387,7 @@ class Trainer:
             self.step, self.global_batch, self.cfg, self.positions, self._stream_identity()
         )
         path = checkpoint.save(
-            self.accelerator,
-            self.model,
+            self.engine,
             self.run_dir,
             self.step,
             meta,

@@ -36,20 +36,20 @@ def test_kills_mid_run_and_mid_save_resume_to_identical_weights(tmp_path):
 
 
 class _Accelerator:
-    """Just what checkpoint.save needs from accelerate, on one process."""
-
     is_main_process = True
 
     def wait_for_everyone(self):
         pass
 
+
+class _Engine:
+    """Just what checkpoint.save needs from an engine (vlp/engine.py), on one process."""
+
+    accelerator = _Accelerator()
+
     def save_state(self, directory):
-        from pathlib import Path
-
-        Path(directory).mkdir()
-        (Path(directory) / "model.safetensors").write_bytes(b"x")
-
-    def get_state_dict(self, model):
+        directory.mkdir()
+        (directory / "model.safetensors").write_bytes(b"x")
         return {"clip.w": torch.zeros(1)}
 
 
@@ -59,7 +59,7 @@ def test_a_kill_while_deleting_never_leaves_a_step_directory_resume_could_pick(
     """Pruning renames a checkpoint to a hidden name before removing it: interrupt the removal
     and the half-deleted directory is invisible, and the next save clears it."""
     for step in (1, 2):
-        checkpoint.save(_Accelerator(), None, tmp_path, step, CheckpointMeta(step=step), keep=2)
+        checkpoint.save(_Engine(), tmp_path, step, CheckpointMeta(step=step), keep=2)
 
     real_rmtree = checkpoint.shutil.rmtree
 
@@ -70,7 +70,7 @@ def test_a_kill_while_deleting_never_leaves_a_step_directory_resume_could_pick(
 
     monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_midway)
     try:
-        checkpoint.save(_Accelerator(), None, tmp_path, 3, CheckpointMeta(step=3), keep=2)
+        checkpoint.save(_Engine(), tmp_path, 3, CheckpointMeta(step=3), keep=2)
     except KeyboardInterrupt:
         pass
     monkeypatch.undo()
@@ -80,5 +80,5 @@ def test_a_kill_while_deleting_never_leaves_a_step_directory_resume_could_pick(
         "step_000000003",
     ]
     assert sorted(p.name for p in root.glob("step_*")) == ["step_000000002", "step_000000003"]
-    checkpoint.save(_Accelerator(), None, tmp_path, 4, CheckpointMeta(step=4), keep=2)
+    checkpoint.save(_Engine(), tmp_path, 4, CheckpointMeta(step=4), keep=2)
     assert sorted(p.name for p in root.iterdir()) == ["step_000000003", "step_000000004"]
