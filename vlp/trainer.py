@@ -104,8 +104,8 @@ class Trainer:
         self.objective.prepare_model(model)
         peak = peak_tflops(cfg.train.peak_tflops, self.accelerator.device, cfg.train.precision)
         self.work = WorkCounter(FlopModel(model, tokenizer.context_length), peak)
-        if cfg.train.compile:
-            model = torch.compile(model)
+        if cfg.train.compile:  # in place: state-dict keys (checkpoint, export) stay the model's
+            model.compile()
         if self.engine.sharded and self.method.not_shardable:
             raise ConfigError(f"objectives: {self.method.not_shardable}, which vlp's FSDP cannot "
                               "shard yet; launch with configs/accelerate/ddp.yaml")
