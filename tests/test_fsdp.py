@@ -154,8 +154,12 @@ def test_a_method_that_calls_the_towers_outside_the_forward_is_refused_in_one_li
     run_dir = tmp_path / "proto" / "run"
     run_dir.parent.mkdir()
     result = _launch(
-        "fsdp.yaml", shards, run_dir, "objectives.prototype.weight=1.0",
-        "prototypes.episode_shards=2", check=False,
+        "fsdp.yaml",
+        shards,
+        run_dir,
+        "objectives.prototype.weight=1.0",
+        "prototypes.episode_shards=2",
+        check=False,
     )
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.startswith("vlp-train: error")]

@@ -231,4 +231,5 @@ def test_compile_through_the_trainer_equals_eager_and_exports_the_same_weights(s
     for name in eager:
         assert (compiled[name] - eager[name]).abs().max() <= 1e-4, name
     assert len(compiled_losses) == 4
-    assert all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(eager_losses, compiled_losses))
+    pairs = zip(eager_losses, compiled_losses, strict=True)
+    assert all(abs(a - b) <= 1e-5 * abs(a) for a, b in pairs)

@@ -276,7 +276,9 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None)
     """(model state, optimizer state) of a model sharded by FSDP2, gathered whole onto rank 0's
     CPU (empty dicts elsewhere); the optimizer state is keyed by parameter names. Collective."""
     from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions, get_model_state_dict, get_state_dict,
+        StateDictOptions,
+        get_model_state_dict,
+        get_state_dict,
     )  # fmt: skip
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)

@@ -39,6 +39,7 @@ MODEL_FILE = "model.safetensors"
 """The model's whole weights inside a checkpoint's state/ (accelerate's name for model 0)."""
 OPTIMIZER_FILE = "optimizer.bin"
 """The optimizer state inside state/ (accelerate's name for optimizer 0)."""
+NewOptimizer = Callable[[nn.Module], torch.optim.Optimizer]
 DEFAULT_UNITS = "ResidualAttentionBlock"
 """open_clip's transformer block: the towers' and the CoCa decoder's."""
 
@@ -53,9 +54,11 @@ class Engine:
         self.model: nn.Module
         self.optimizer: torch.optim.Optimizer
 
-    def prepare(self, model: nn.Module, new_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
-                cfg) -> tuple[nn.Module, torch.optim.Optimizer]:  # fmt: skip
-        """Distribute `model`, then build its optimizer with `new_optimizer(model)`."""
+    def prepare(
+        self, model: nn.Module, new_optimizer: NewOptimizer, cfg, not_shardable: str | None = None
+    ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """Distribute `model`, then build its optimizer with `new_optimizer(model)`;
+        `not_shardable`: why the run's method cannot be sharded (Method.not_shardable)."""
         optimizer = new_optimizer(model)
         distributed.configure_engine(
             self.accelerator, cfg.data.batch_size, cfg.train.grad_accum, cfg.train.grad_clip
@@ -114,10 +117,15 @@ class ShardedEngine(Engine):
         self.replica: nn.Module | None = None
         self.scalars: list[nn.Parameter] = []
 
-    def prepare(self, model, new_optimizer, cfg):
+    def prepare(self, model, new_optimizer, cfg, not_shardable=None):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        if not_shardable:
+            raise ConfigError(
+                f"objectives: {not_shardable}, which vlp's FSDP cannot shard yet; "
+                "launch with configs/accelerate/ddp.yaml"
+            )
         if cfg.train.compile:
             raise ConfigError(
                 "train.compile=true: not supported with FSDP (configs/accelerate/fsdp.yaml) yet; "

@@ -70,7 +70,7 @@ def build_optimizer(
 
 
 def _by_kind(params: list[nn.Parameter]) -> list[list[nn.Parameter]]:
-    """`params` split into plain tensors and DTensors (FSDP shards), in that order; no empty part."""
+    """`params` split into plain tensors, then DTensors (FSDP shards); no empty part."""
     from torch.distributed.tensor import DTensor
 
     sharded = [p for p in params if isinstance(p, DTensor)]

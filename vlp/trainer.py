@@ -106,12 +106,10 @@ class Trainer:
         self.work = WorkCounter(FlopModel(model, tokenizer.context_length), peak)
         if cfg.train.compile:  # in place: state-dict keys (checkpoint, export) stay the model's
             model.compile()
-        if self.engine.sharded and self.method.not_shardable:
-            raise ConfigError(f"objectives: {self.method.not_shardable}, which vlp's FSDP cannot "
-                              "shard yet; launch with configs/accelerate/ddp.yaml")
         self.model, self.optimizer = self.engine.prepare(
-            model, lambda m: build_optimizer(m, cfg.train, self.method.visual_groups), cfg
-        )
+            model, lambda m: build_optimizer(m, cfg.train, self.method.visual_groups), cfg,
+            self.method.not_shardable,
+        )  # fmt: skip
         self.step, self.positions, self.saved_step = 0, {}, -1
         self.changes: dict[str, list[Any]] = {}
         self.nonfinite = NonFiniteWatch(self.accelerator.device)
