@@ -5,7 +5,10 @@ BENCHMARKS.md section 4. Both tools score the same exported open_clip checkpoint
 the CPU. A round runs, alternating which tool goes first: each tool on the zero-shot set, each
 on the retrieval set, and each on both sets as a user would run them (vlp-eval: one command
 for both; clip_benchmark: one command per set, because its `--task auto` does not read
-dataset_type.txt). Each run is one complete command, timed from start to exit.
+dataset_type.txt). Each run is one complete command, timed from start to exit. The rounds run on
+two versions of the sets: images at the model's 64 px, and at 96 px, which both tools resize.
+vlp-eval runs with its defaults (decoding workers: the cores it may use) unless --workers is
+given.
 
 clip_benchmark 1.6.2 runs unpatched in bench/.peers/clip_benchmark, which pins numpy < 2.4
 (its accuracy code fails on numpy 2.4) and otherwise shares vlp's installed packages through a
@@ -52,7 +55,9 @@ PEER_NUMPY = "numpy<2.4"
 PEER_WORKERS = 1
 """clip_benchmark's default of 4 DataLoader workers (and any number above 1) fails on a
 one-shard set with webdataset 1.x: a worker without a shard raises "No samples found ...
-fewer shards than workers". 1 worker is also vlp-eval's default."""
+fewer shards than workers"."""
+IMAGE_SIZES = (64, 96)
+"""The sets' image sizes: the model's resolution (64), and larger images both tools resize."""
 TOLERANCE = 0.001
 """Metric agreement goal: 0.1 point, as fractions."""
 WRAPPER = (
@@ -66,8 +71,9 @@ class Settings:
     eval_samples: int
     repeats: int
     batch_size: int
-    vlp_workers: int
-    image_size: int = 64
+    vlp_workers: int | None
+    """None: vlp-eval's default."""
+    image_sizes: tuple[int, ...] = IMAGE_SIZES
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,11 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     except PeerError as err:
         print(f"{NAME}: cannot set up clip_benchmark: {err}", file=sys.stderr)
         return 2
-    eval_dir = demo_sets(work, settings)
     weights, checkpoint = export_weights(work, args.checkpoint)
-    runs = measure(settings, peer_python, eval_dir, weights, work)
-    agreement = compare_metrics(work)
-    summary = summarize(runs)
+    runs, agreement = [], {}
+    for size in settings.image_sizes:
+        eval_dir = demo_sets(work, settings, size)
+        runs += measure(settings, peer_python, eval_dir, weights, work / f"{size}px", size)
+        agreement[f"{size}px"] = compare_metrics(work / f"{size}px")
+    summary = summarize(runs, settings.image_sizes)
     print_report(summary, agreement)
     path = work / "results-quick.json" if args.quick else RESULTS / f"{NAME}.json"
     payload = {
@@ -117,7 +125,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--eval-samples", type=int, default=1000, help="per eval set (1000)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (3)")
     parser.add_argument("--batch-size", type=int, default=256, help="both tools (256)")
-    parser.add_argument("--workers", type=int, default=1, help="vlp-eval's decode workers (1)")
+    parser.add_argument(
+        "--workers", type=int, help="vlp-eval's decode workers (default: vlp-eval's own)"
+    )
     parser.add_argument(
         "--checkpoint",
         type=Path,
@@ -150,12 +160,12 @@ def peer_environment() -> Path:
     return python
 
 
-def demo_sets(work: Path, settings: Settings) -> Path:
-    out = work / f"demo-{settings.eval_samples}-{settings.image_size}"
+def demo_sets(work: Path, settings: Settings, size: int) -> Path:
+    out = work / f"demo-{settings.eval_samples}-{size}"
     if not (out / "eval" / "retrieval" / "dataset_type.txt").exists():
         command = [sys.executable, "-m", "data_tools", "demo", str(out), "--num-samples", "10",
                    "--eval-samples", str(settings.eval_samples),
-                   "--image-size", str(settings.image_size), "--workers", "2"]  # fmt: skip
+                   "--image-size", str(size), "--workers", "2"]  # fmt: skip
         subprocess.run(command, check=True, cwd=REPO, capture_output=True)
     return out / "eval"
 
@@ -185,10 +195,10 @@ def export_weights(work: Path, checkpoint: Path | None) -> tuple[Path, dict[str,
 
 
 def vlp_command(sets: list[Path], weights: Path, out: Path, settings: Settings) -> list[str]:
+    workers = [] if settings.vlp_workers is None else ["--workers", str(settings.vlp_workers)]
     return [sys.executable, "-m", "eval", "--checkpoint", str(weights), "--model", MODEL,
             "--dataset", *map(str, sets), "--output", f"{out}/",
-            "--batch-size", str(settings.batch_size), "--workers", str(settings.vlp_workers),
-            "--device", "cpu"]  # fmt: skip
+            "--batch-size", str(settings.batch_size), "--device", "cpu", *workers]  # fmt: skip
 
 
 def peer_command(
@@ -204,7 +214,7 @@ def peer_command(
 
 
 def measure(
-    settings: Settings, peer_python: Path, eval_dir: Path, weights: Path, work: Path
+    settings: Settings, peer_python: Path, eval_dir: Path, weights: Path, work: Path, size: int
 ) -> list[dict[str, Any]]:
     """Alternating rounds (a warm-up round first, untimed); one record per timed command."""
     runs = []
@@ -216,9 +226,9 @@ def measure(
                 if round_index == 0:
                     continue
                 name = "+".join(job)
-                runs.append({"round": round_index, "tool": tool, "sets": name,
+                runs.append({"round": round_index, "tool": tool, "sets": name, "image_size": size,
                              "seconds": round(wall, 3), "cpu_seconds": round(cpu, 3)})  # fmt: skip
-                print(f"round {round_index}: {tool:15s} {name:17s} {wall:6.2f} s wall "
+                print(f"{size} px round {round_index}: {tool:15s} {name:17s} {wall:6.2f} s wall "
                       f"{cpu:6.2f} s cpu", flush=True)  # fmt: skip
     return runs
 
@@ -269,46 +279,49 @@ def compare_metrics(work: Path) -> dict[str, Any]:
             "metrics": table}  # fmt: skip
 
 
-def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per job and tool: median wall and CPU seconds; speedups = clip_benchmark / vlp-eval.
+def summarize(runs: list[dict[str, Any]], sizes: tuple[int, ...]) -> dict[str, Any]:
+    """Per image size, job and tool (key "SETS, N px"): median wall and CPU seconds; speedups =
+    clip_benchmark / vlp-eval.
 
     The machine is shared, so wall times move with other tenants' load; CPU time moves less
     and is reported beside it.
     """
     summary: dict[str, Any] = {}
-    for job in ("shapes", "retrieval", "+".join(SETS)):
-        row: dict[str, Any] = {}
-        for measure_name in ("seconds", "cpu_seconds"):
-            medians = {
-                tool: statistics.median(
-                    r[measure_name] for r in runs if r["tool"] == tool and r["sets"] == job
-                )
-                for tool in (VLP, PEER)
-            }
-            row[f"median_{measure_name}"] = medians
-            row[f"speedup_{measure_name}"] = round(medians[PEER] / medians[VLP], 3)
-        summary[job] = row
+    for size in sizes:
+        for job in ("shapes", "retrieval", "+".join(SETS)):
+            mine = [r for r in runs if r["sets"] == job and r["image_size"] == size]
+            row: dict[str, Any] = {}
+            for measure_name in ("seconds", "cpu_seconds"):
+                medians = {
+                    tool: statistics.median(r[measure_name] for r in mine if r["tool"] == tool)
+                    for tool in (VLP, PEER)
+                }
+                row[f"median_{measure_name}"] = medians
+                row[f"speedup_{measure_name}"] = round(medians[PEER] / medians[VLP], 3)
+            summary[f"{job}, {size} px"] = row
     return summary
 
 
 def print_report(summary: dict[str, Any], agreement: dict[str, Any]) -> None:
-    print(f"\n{'sets':18s} {'vlp-eval wall':>13s} {'peer wall':>10s} {'ratio':>6s} "
+    print(f"\n{'sets':24s} {'vlp-eval wall':>13s} {'peer wall':>10s} {'ratio':>6s} "
           f"{'vlp-eval cpu':>13s} {'peer cpu':>9s} {'ratio':>6s}")  # fmt: skip
     for job, row in summary.items():
         wall, cpu = row["median_seconds"], row["median_cpu_seconds"]
         ratios = row["speedup_seconds"], row["speedup_cpu_seconds"]
         print(
-            f"{job:18s} {wall[VLP]:12.2f}s {wall[PEER]:9.2f}s {ratios[0]:5.2f}x "
+            f"{job:24s} {wall[VLP]:12.2f}s {wall[PEER]:9.2f}s {ratios[0]:5.2f}x "
             f"{cpu[VLP]:12.2f}s {cpu[PEER]:8.2f}s {ratios[1]:5.2f}x"
         )
-    verdict = "within" if agreement["within_tolerance"] else "OUTSIDE"
-    print(f"metric agreement: max |diff| {agreement['max_abs_diff']:.2e} ({verdict} 0.1 point)")
+    for size, result in agreement.items():
+        verdict = "within" if result["within_tolerance"] else "OUTSIDE"
+        print(f"metric agreement, {size}: max |diff| {result['max_abs_diff']:.2e} "
+              f"({verdict} 0.1 point)")  # fmt: skip
 
 
 def tool_info(peer_python: Path, settings: Settings) -> dict[str, Any]:
     return {
         VLP: {"version": dist_version(sys.executable, "vlp"), "precision": "fp32",
-              "workers": settings.vlp_workers},
+              "workers": settings.vlp_workers or "default (the cores it may use)"},
         PEER: {
             "version": dist_version(peer_python, "clip_benchmark"),
             "numpy": dist_version(peer_python, "numpy"),

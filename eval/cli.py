@@ -106,8 +106,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         "--batch-size", type=int, default=256, metavar="N", help="images per batch (default 256)"
     )
     parser.add_argument(
-        "--workers", type=int, default=1, metavar="N", help="image decoding processes (default 1)"
-    )
+        "--workers", type=int, default=None, metavar="N",
+        help="image decoding processes (default: the CPU cores this process may use)",
+    )  # fmt: skip
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument(
         "--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="(default fp32)"
@@ -258,7 +259,7 @@ def _options(args: argparse.Namespace) -> EvalOptions:
     try:
         return EvalOptions(
             batch_size=args.batch_size,
-            workers=args.workers,
+            workers=_default_workers() if args.workers is None else args.workers,
             recall_ks=tuple(args.recall_k),
             retrieval_method=args.retrieval_method,
             faiss_threshold=args.faiss_threshold,
@@ -331,3 +332,10 @@ def run_report(args: argparse.Namespace) -> int:
     )
     print(f"wrote {path}")
     return 0
+
+
+def _default_workers() -> int:
+    """The CPU cores this process may use (imported here: torch loads with vlp.distributed)."""
+    from vlp.distributed import cpu_cores
+
+    return cpu_cores()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -136,3 +137,13 @@ def test_cli_choices_follow_the_registries():
     assert set(TASK_CHOICES) == {AUTO, *TASKS}
     retrieval_action = next(a for a in build_parser()._actions if a.dest == "retrieval_method")
     assert tuple(retrieval_action.choices) == METHODS
+
+
+def test_decoding_workers_default_to_the_cores_the_process_may_use(monkeypatch):
+    from eval import cli
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    args = build_parser().parse_args(["--checkpoint", "x", "--dataset", "d"])
+    assert cli._options(args).workers == 3
+    args = build_parser().parse_args(["--checkpoint", "x", "--dataset", "d", "--workers", "0"])
+    assert cli._options(args).workers == 0
