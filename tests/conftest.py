@@ -26,6 +26,17 @@ NO_DEMO_EVAL = (
 they would otherwise run inside tests that train from that config on their own shards."""
 
 
+def demo_shards(out: Path, samples: int, per_shard: int) -> Path:
+    """`vlp-shard demo` into `out`: `samples` training samples in shards of `per_shard` at
+    32 px, and eval sets of 8 samples each; returns `out`."""
+    subprocess.run(
+        [sys.executable, "-m", "data_tools", "demo", str(out), "--num-samples", str(samples),
+         "--samples-per-shard", str(per_shard), "--image-size", "32", "--eval-samples", "8"],
+        cwd=REPO, check=True, capture_output=True,
+    )  # fmt: skip
+    return out
+
+
 def make_image(path: Path, width: int = 96, height: int = 64, seed: int = 0) -> Path:
     """A smooth random colour image (compresses like a photo), format from the suffix."""
     rng = np.random.default_rng(seed)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import demo_shards
 from vlp import distributed, engine
 from vlp.config import ConfigError
 
@@ -28,13 +29,7 @@ float sums in the gradient reduction (measured: 1.2e-6 CLIP, 6.9e-7 CoCa in the 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("shards")
-    subprocess.run(
-        [sys.executable, "-m", "data_tools", "demo", str(out), "--num-samples", "240",
-         "--samples-per-shard", "30", "--image-size", "32", "--eval-samples", "8"],
-        cwd=REPO, check=True, capture_output=True,
-    )  # fmt: skip
-    return out
+    return demo_shards(tmp_path_factory.mktemp("shards"), 240, 30)
 
 
 def _launch(config: str, shards: Path, run_dir: Path, *extra: str, check: bool = True):

@@ -16,6 +16,7 @@ import pytest
 from accelerate.commands.config.config_args import load_config_from_file
 from safetensors.torch import load_file
 
+from tests.conftest import demo_shards
 from vlp import distributed
 from vlp.config import ConfigError
 from vlp.distributed import configure_engine
@@ -70,12 +71,7 @@ def test_deepspeed_gets_vlps_batch_and_clipping():
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("shards")
-    subprocess.run(
-        [sys.executable, "-m", "data_tools", "demo", str(out), "--num-samples", "240",
-         "--samples-per-shard", "30", "--image-size", "32", "--eval-samples", "8"],
-        cwd=REPO, check=True, capture_output=True,
-    )  # fmt: skip
+    out = demo_shards(tmp_path_factory.mktemp("shards"), 240, 30)
     return str(out / "train" / "{00000..00007}.tar")
 
 

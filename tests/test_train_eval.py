@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from eval.during_training import isolated, open_evaluators
 from eval.tasks import AUTO, TASKS
+from tests.conftest import demo_shards
 from tests.eval.evalkit import write_eval_set
 from vlp.cli import check_demo_shards
 from vlp.config import EVAL_TYPES, ConfigError, EvalConfig, load_config
@@ -116,12 +117,7 @@ def test_isolated_restores_rng_states_and_each_module_mode():
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
     """Tiny demo shards and eval sets, and a model whose training draws random numbers."""
-    out = tmp_path_factory.mktemp("demo")
-    subprocess.run(
-        [sys.executable, "-m", "data_tools", "demo", str(out), "--num-samples", "64",
-         "--samples-per-shard", "16", "--image-size", "32", "--eval-samples", "8"],
-        cwd=REPO, check=True, capture_output=True,
-    )  # fmt: skip
+    out = demo_shards(tmp_path_factory.mktemp("demo"), 64, 16)
     model = json.loads((REPO / "configs/models/vlp-tiny-clip.json").read_text())
     model["vision_cfg"]["patch_dropout"] = 0.5  # draws from torch's global RNG every step
     (out / "models").mkdir()
