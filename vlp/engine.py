@@ -34,11 +34,8 @@ from torch.distributed.tensor import DTensor
 
 from vlp import distributed
 from vlp.config import ConfigError
+from vlp.runlayout import STATE_MODEL_FILE, STATE_OPTIMIZER_FILE
 
-MODEL_FILE = "model.safetensors"
-"""The model's whole weights inside a checkpoint's state/ (accelerate's name for model 0)."""
-OPTIMIZER_FILE = "optimizer.bin"
-"""The optimizer state inside state/ (accelerate's name for optimizer 0)."""
 NewOptimizer = Callable[[nn.Module], torch.optim.Optimizer]
 DEFAULT_UNITS = "ResidualAttentionBlock"
 """open_clip's transformer block: the towers' and the CoCa decoder's."""
@@ -184,14 +181,14 @@ class ShardedEngine(Engine):
         self.accelerator.save_state(str(directory))  # nothing prepared: the RNG states only
         if self.accelerator.is_main_process:
             weights = {name: tensor.contiguous() for name, tensor in model_state.items()}
-            save_file(weights, directory / MODEL_FILE)
-            torch.save(optimizer_state, directory / OPTIMIZER_FILE)
+            save_file(weights, directory / STATE_MODEL_FILE)
+            torch.save(optimizer_state, directory / STATE_OPTIMIZER_FILE)
         return model_state
 
     def load_state(self, directory: Path) -> None:
         self.accelerator.load_state(str(directory))
-        model_state = load_file(directory / MODEL_FILE)
-        optimizer_state = torch.load(directory / OPTIMIZER_FILE, weights_only=True)
+        model_state = load_file(directory / STATE_MODEL_FILE)
+        optimizer_state = torch.load(directory / STATE_OPTIMIZER_FILE, weights_only=True)
         distributed.load_full_state(self.model, self.optimizer, model_state, optimizer_state)
 
     def describe(self) -> str:

@@ -7,7 +7,7 @@ holds the shard format:
     RUN/metrics.jsonl                    one JSON record per log step (METRICS_FILE)
     RUN/history.jsonl                    one record per start, stop and finish (HISTORY_FILE)
     RUN/checkpoints/step_000000100/      CHECKPOINT_DIR / checkpoint_name(100)
-        state/                           accelerator.save_state (STATE_DIR)
+        state/                           model, optimizer, RNG states (STATE_DIR; vlp/engine.py)
         model.safetensors                open_clip weights (EXPORT_FILE)
         open_clip_config.json            open_clip's hub config (OPEN_CLIP_CONFIG_FILE)
         meta.json                        CheckpointMeta (META_FILE), written last
@@ -28,6 +28,10 @@ CHECKPOINT_DIR = "checkpoints"
 STATE_DIR = "state"
 EXPORT_FILE = "model.safetensors"
 META_FILE = "meta.json"
+STATE_MODEL_FILE = "model.safetensors"
+STATE_OPTIMIZER_FILE = "optimizer.bin"
+"""Inside STATE_DIR: the whole model and the optimizer state, under accelerate's names for its
+model 0 and optimizer 0; vlp's FSDP engine writes the same two files itself."""
 OPEN_CLIP_CONFIG_FILE = "open_clip_config.json"
 """{"model_cfg": ..., "preprocess_cfg": ...} as open_clip's hub layout has it: with it, open_clip
 loads a checkpoint (or an export) by path alone, `create_model_and_transforms("local-dir:DIR")`,
