@@ -73,9 +73,11 @@ def train_rows(d: dict[str, Any]) -> list[Row]:
             if "goal" in g
             else ""
         )
+        whole = g["ratio_vlp_over_open_clip"]["whole_samples_per_s"]["paired_median"]
         note = (
-            f"{tools['vlp']['median_steady_samples_per_s']:.0f} vs "
-            f"{tools['open_clip']['median_steady_samples_per_s']:.0f} samples/s, data wait "
+            f"steady {tools['vlp']['median_steady_samples_per_s']:.0f} vs "
+            f"{tools['open_clip']['median_steady_samples_per_s']:.0f} samples/s, whole command "
+            f"{whole:.2f}x, data wait "
             f"{tools['vlp']['median_data_wait_fraction']:.0%} vs "
             f"{tools['open_clip']['median_data_wait_fraction']:.0%}{goal}"
         )

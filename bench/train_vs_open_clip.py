@@ -60,7 +60,7 @@ NAME = "train_vs_open_clip"
 MODEL_CONFIGS = REPO / "configs" / "models"
 VLP, PEER = "vlp", "open_clip"
 CLIP, COCA = "vlp-small-clip", "vlp-small-coca"
-GOALS = {CLIP: 2.0, COCA: 3.0}
+GOALS = {CLIP: 2.0, COCA: 5.0}
 """Steady-state samples/s ratio vlp/open_clip the issue asks for."""
 HERE = WORK / NAME
 SHARD_DIR = WORK / "demo" / "train"
