@@ -50,16 +50,29 @@ Row = tuple[str, str, str, str]
 
 
 def shard_rows(d: dict[str, Any]) -> list[Row]:
+    """Steady state first (start-up taken out), then the whole command and 1 -> 2 processes."""
     s = d["summary"]
-    ratio = s["ratio_vlp_over_img2dataset"]["1"]["paired_median"]
-    tools = s["per_tool"]
-    note = (
-        f"CPU {tools['vlp']['1']['median_cpu_ms_per_image']:.1f} vs "
-        f"{tools['img2dataset']['1']['median_cpu_ms_per_image']:.1f} ms/image, peak PSS "
-        f"{tools['vlp']['1']['median_peak_pss_mb']:.0f} vs "
-        f"{tools['img2dataset']['1']['median_peak_pss_mb']:.0f} MB"
+    steady, tools = s["excluding_startup_p1"], s["per_tool"]
+    ours, theirs = steady["vlp"]["images_per_s"], steady["img2dataset"]["images_per_s"]
+    steady_note = (
+        f"{ours:.0f} vs {theirs:.0f} images/s, CPU {steady['vlp']['cpu_ms_per_image']:.1f} vs "
+        f"{steady['img2dataset']['cpu_ms_per_image']:.1f} ms/image, without each tool's start-up "
+        f"({s['startup_seconds']['vlp']:.1f} vs {s['startup_seconds']['img2dataset']:.1f} s); "
+        "goal 1.5x " + ("met" if ours / theirs >= 1.5 else "not met")
     )
-    return [("Sharding, 1 process (images/s)", "img2dataset", f"{ratio:.2f}x", note)]
+    whole = s["ratio_vlp_over_img2dataset"]
+    efficiency = {tool: s["scaling_from_1"][tool]["2"]["efficiency"] for tool in steady}
+    whole_note = (
+        f"peak PSS {tools['vlp']['1']['median_peak_pss_mb']:.0f} vs "
+        f"{tools['img2dataset']['1']['median_peak_pss_mb']:.0f} MB; 2 processes "
+        f"{whole['2']['paired_median']:.2f}x, scaling 1 -> 2: "
+        f"{efficiency['vlp']:.0%} vs {efficiency['img2dataset']:.0%} of linear"
+    )
+    return [
+        ("Sharding, 1 process, steady state", "img2dataset", f"{ours / theirs:.2f}x", steady_note),
+        ("Sharding, 1 process, whole command", "img2dataset",
+         f"{whole['1']['paired_median']:.2f}x", whole_note),
+    ]  # fmt: skip
 
 
 def train_rows(d: dict[str, Any]) -> list[Row]:
