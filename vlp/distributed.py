@@ -259,16 +259,18 @@ def clip_grad_norm(sharded: list[Tensor], replicated: list[Tensor], max_norm: fl
     `sharded`: this rank's local pieces of gradients split over ranks (their squares are summed
     over ranks); `replicated`: gradients every rank holds whole (counted once).
     """
-    squares = torch.zeros((), dtype=torch.float32)
-    for grad in sharded:
-        squares += grad.detach().float().pow(2).sum().cpu()
-    squares = all_reduce_sum(squares)
-    for grad in replicated:
-        squares += grad.detach().float().pow(2).sum().cpu()
-    total = squares.sqrt()
+    grads = [*sharded, *replicated]
+    if not grads:
+        return torch.zeros(())
+    zero = torch.zeros((), dtype=torch.float32, device=grads[0].device)  # no host sync
+
+    def squares(part: list[Tensor]) -> Tensor:
+        return sum((g.detach().float().pow(2).sum() for g in part), zero)
+
+    total = (all_reduce_sum(squares(sharded)) + squares(replicated)).sqrt()
     scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for grad in [*sharded, *replicated]:
-        grad.mul_(scale.to(grad.device, grad.dtype))
+    for grad in grads:
+        grad.mul_(scale.to(grad.dtype))
     return total
 
 

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from vlp import distributed
+from vlp.checkpoint import open_clip_weights
 from vlp.config import ConfigError
 from vlp.runlayout import STATE_MODEL_FILE, STATE_OPTIMIZER_FILE
 
@@ -130,7 +131,7 @@ class ShardedEngine(Engine):
             )
         device = self.accelerator.device
         if distributed.rank() == 0:  # before sharding: the same weights, unsharded
-            self.replica = copy.deepcopy(model.clip)
+            self.replica = copy.deepcopy(model.clip).to(device)
         blocks = [m for m in model.modules() if type(m).__name__ in self.units]
         if not blocks:
             raise ConfigError(
@@ -167,13 +168,9 @@ class ShardedEngine(Engine):
         distributed.average_gradients(self.scalars)
 
     def clip_grad_norm(self, max_norm: float) -> Tensor:
-        sharded, whole = [], []
-        for param in self.model.parameters():
-            if param.grad is not None:
-                is_shard = isinstance(param.grad, DTensor)
-                (sharded if is_shard else whole).append(
-                    param.grad.to_local() if is_shard else param.grad
-                )
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        sharded = [g.to_local() for g in grads if isinstance(g, DTensor)]
+        whole = [g for g in grads if not isinstance(g, DTensor)]
         return distributed.clip_grad_norm(sharded, whole, max_norm)
 
     def save_state(self, directory: Path) -> dict[str, Tensor]:
@@ -208,11 +205,8 @@ class ShardedEngine(Engine):
 
     def sync_eval_module(self) -> None:
         state = distributed.full_state(self.model)[0]
-        if self.replica is not None:
-            prefix = "clip."
-            clip = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-            self.replica.load_state_dict(clip)
-            self.replica.to(self.accelerator.device)
+        if self.replica is not None:  # on the device already: load_state_dict copies in place
+            self.replica.load_state_dict(open_clip_weights(state))
 
 
 def take_fsdp_request() -> bool:

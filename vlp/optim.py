@@ -58,7 +58,8 @@ def build_optimizer(
         for decay in (True, False):
             params = [p for n, p in part if no_decay(n, p) != decay]
             weight_decay = train_cfg.weight_decay if decay else 0.0
-            for kind in _by_kind(params) if params else ([] if visual_groups else [[]]):
+            # without visual groups the two decay groups always exist, even empty
+            for kind in _by_kind(params) or ([] if visual_groups else [[]]):
                 groups.append({"params": kind, "weight_decay": weight_decay, "visual": visual})
     return torch.optim.AdamW(
         groups,
